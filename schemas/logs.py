@@ -1,0 +1,125 @@
+"""Request logs: the source formats found in `vlm.logs.raw`, the one normalized record, and rejections."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.base import Message, UtcDatetime, utc_now
+from schemas.jobs import ImageJob, JobResult
+
+SourceFormat = Literal["openai-chat", "legacy-flat", "vlmflow-job"]
+Status = Literal["ok", "error"]
+Feedback = Literal["none", "positive", "negative"]
+
+
+class _SourceLog(BaseModel):
+    """Source formats are written by other systems: they are read leniently and never re-serialized."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class OpenAIChatLog(_SourceLog):
+    """An OpenAI-style chat completion as gateways log it (`request.messages` with `image_url` parts)."""
+
+    id: str | None = None
+    created: float | None = None
+    timestamp: str | None = None
+    tenant: str | None = None
+    metadata: dict[str, Any] | None = None
+    request: dict[str, Any]
+    response: dict[str, Any]
+    latency_ms: float | None = None
+    status_code: int | None = None
+    x_image_sizes: list[list[int]] | None = None
+    feedback: dict[str, Any] | None = None
+
+
+class LegacyFlatLog(_SourceLog):
+    """The legacy flat app log: loose types everywhere (epoch or string times, truthy strings)."""
+
+    req_id: str | int
+    ts: float | int | str | None = None
+    app: str | None = None
+    img: str | None = None
+    img_w: int | float | str | None = None
+    img_h: int | float | str | None = None
+    q: str | None = None
+    ans: str | None = None
+    lat: float | int | str | None = None
+    ok: bool | int | str | None = None
+    thumbs: int | str | None = None
+    fix: str | None = None
+
+
+class JobEvent(Message):
+    """What an inference worker logs for every job it served: the job, its result and the image sizes it saw."""
+
+    kind: Literal["vlmflow-job"] = "vlmflow-job"
+    job: ImageJob
+    result: JobResult
+    image_sizes: list[tuple[int, int]] = []
+    """`(width, height)` of each image as decoded, in the job's order; empty when loading failed."""
+
+
+RawLog = OpenAIChatLog | LegacyFlatLog | JobEvent
+"""Any value of `vlm.logs.raw`."""
+
+
+class Lineage(BaseModel):
+    """Where a record came from, so any derived record can be traced to one raw message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: str
+    partition: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
+
+
+class ImageInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    """`s3://bucket/key`, whatever form the source used (path-style presigned URLs included)."""
+    width: Annotated[int, Field(ge=1)] | None = None
+    height: Annotated[int, Field(ge=1)] | None = None
+
+
+class NormalizedLog(Message):
+    """One request log in one vocabulary: UTC times, milliseconds, s3:// URIs, parsed output, xyxy pixel boxes."""
+
+    log_id: str
+    source_format: SourceFormat
+    request_id: str
+    timestamp: UtcDatetime
+    tenant: str = "default"
+    model: str | None = None
+    task: str | None = None
+    prompt: str = ""
+    images: list[ImageInfo] = []
+    output_text: str | None = None
+    output: dict[str, Any] | list[Any] | None = None
+    output_error: str | None = None
+    """Why `output_text` did not parse as JSON; None when it did or when there was no output."""
+    latency_ms: float | None = None
+    status: Status = "ok"
+    feedback: Feedback = "none"
+    correction: dict[str, Any] | list[Any] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    lineage: Lineage | None = None
+
+
+class RejectedLog(Message):
+    """A raw log that did not pass: nothing is dropped silently, and the rule or parse error is named."""
+
+    log_id: str
+    code: str
+    """`rule` when a filter rule fired, `duplicate`, or an `InvalidLog` code from normalization."""
+    rule: str | None = None
+    detail: str = ""
+    original: Any = None
+    """The raw value as JSON, or its text when it was not JSON."""
+    lineage: Lineage | None = None
+    rejected_at: UtcDatetime = Field(default_factory=utc_now)

@@ -1,0 +1,177 @@
+"""All configuration in one place. Environment variables use the prefix `VLMFLOW_` and `__` between levels,
+e.g. `VLMFLOW_KAFKA__BOOTSTRAP_SERVERS=broker:9092`. Defaults point at the local stack (`vlmflow dev up`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_KAFKA_PORT = 19092
+LOCAL_S3_PORT = 18333
+LOCAL_REDIS_PORT = 16379
+
+ModelFamily = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+def _default_redis_url() -> str:
+    # NOTE: REDIS_URL is the common convention; the local stack reuses that server when it answers.
+    return os.environ.get("REDIS_URL", f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = f"127.0.0.1:{LOCAL_KAFKA_PORT}"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    client_id: str = "vlmflow"
+    session_timeout_ms: Annotated[int, Field(ge=1000)] = 10_000
+    """Apache Kafka's default is 45 s; the local broker waits half a session timeout before a group forms."""
+    request_timeout_ms: Annotated[int, Field(ge=1000)] = 15_000
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+    """For `topics create`: 1 on the local broker, 3 on a production cluster."""
+
+    def client_options(self) -> dict[str, object]:
+        """Connection options in the spelling kafka-python and aiokafka share."""
+        options: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+        }
+        if self.security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_cafile"] = str(self.ssl_cafile) if self.ssl_cafile else None
+            options["ssl_certfile"] = str(self.ssl_certfile) if self.ssl_certfile else None
+            options["ssl_keyfile"] = str(self.ssl_keyfile) if self.ssl_keyfile else None
+        return options
+
+
+class RedisSettings(_Section):
+    url: str = Field(default_factory=_default_redis_url)
+
+
+class S3Settings(_Section):
+    endpoint: str = f"127.0.0.1:{LOCAL_S3_PORT}"
+    """host:port, as the MinIO client takes it."""
+    secure: bool = False
+    region: str | None = None
+    access_key: str = "vlmflow"
+    secret_key: SecretStr = SecretStr("vlmflow-local-secret")
+    image_buckets: list[str] = ["vlm-images"]
+    """Buckets workers may read images from; any other s3:// URI is `bucket_forbidden`."""
+    dataset_bucket: str = "vlm-datasets"
+    """Golden snapshots and dataset exports."""
+
+    def client_kwargs(self) -> dict[str, object]:
+        """Arguments of `minio.Minio` (the client works against MinIO in production and SeaweedFS locally)."""
+        return {
+            "endpoint": self.endpoint,
+            "access_key": self.access_key,
+            "secret_key": self.secret_key.get_secret_value(),
+            "secure": self.secure,
+            "region": self.region,
+        }
+
+
+class ModelSettings(_Section):
+    family: ModelFamily = "qwen2-vl"
+    path: Path = Path(".vlmflow/models/tiny-qwen2-vl")
+    """A checkpoint directory; the local default is the tiny random model `vlmflow model tiny` writes."""
+    name: str = "tiny-qwen2-vl"
+    min_pixels: int | None = None
+    """None means the family's shipped default. The engine and the token estimator both read these two."""
+    max_pixels: int | None = 1_003_520
+    """Qwen2-VL ships 12,845,056 (16,384 tokens per image); 1,003,520 px caps an image at 1,280 tokens."""
+
+
+class EngineSettings(_Section):
+    kind: Literal["vllm", "instant"] = "vllm"
+    device: Literal["cpu", "cuda"] = "cpu"
+    load_format: Literal["auto", "dummy"] = "dummy"
+    """`dummy` gives random weights (the tiny local model); production loads the mounted checkpoint (`auto`)."""
+    dtype: str = "auto"
+    max_model_len: int = 4_096
+    gpu_memory_utilization: float = 0.90
+    limit_images_per_prompt: int = 4
+    max_num_seqs: int = 32
+    cudagraph_mm_encoder: bool = True
+    """Encoder CUDA graphs, used only where the installed vLLM has the option and the device is CUDA."""
+    python: Path | None = None
+    """The interpreter of the engine environment, for tools that start a worker (the demo, the tests)."""
+
+
+class BudgetSettings(_Section):
+    pool: str = "local"
+    """GPU pool name: every worker of one pool shares one budget."""
+    capacity: Annotated[int, Field(ge=1)] = 16_384
+    """Vision tokens in flight at once across the pool (`vlmflow budget plan` derives it for a GPU)."""
+    lease_ttl_s: Annotated[float, Field(gt=0)] = 30.0
+    wait_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+
+
+class WorkerSettings(_Section):
+    group_id: str = "vlmflow-workers"
+    max_in_flight: Annotated[int, Field(ge=1)] = 16
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    max_inline_image_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    """Decompression-bomb limit: images with more pixels are refused before decoding."""
+    url_allow_list: list[str] = []
+    """Hosts from which plain http(s) image URLs may be fetched; empty means none."""
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    retry_backoff_s: Annotated[float, Field(ge=0)] = 2.0
+    idempotency_ttl_s: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
+    metrics_port: int = 9464
+
+
+class StreamsSettings(_Section):
+    app_id: str = "vlmflow-flywheel"
+    rules_path: Path | None = None
+    """YAML filter rules; None means the built-in defaults."""
+    label_synonyms: dict[str, str] = {}
+    redact_pii: bool = True
+    hard_case_threshold: float = 1.0
+
+
+class Settings(BaseSettings):
+    """Every option of vlmflow. Env: `VLMFLOW_<SECTION>__<FIELD>`; a `.env` file in the working directory works too."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VLMFLOW_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        secrets_dir=os.environ.get("VLMFLOW_SECRETS_DIR"),
+    )
+
+    state_dir: Path = Path(".vlmflow")
+    """Where the local stack keeps its data, logs and process ids."""
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    streams: StreamsSettings = Field(default_factory=StreamsSettings)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (used by the command line and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

