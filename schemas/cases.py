@@ -41,6 +41,8 @@ class Correction(Message):
     source: Literal["human", "model"] = "human"
     reviewer: str
     submitted_at: UtcDatetime = Field(default_factory=utc_now)
+    case: HardCase | None = None
+    """The case corrected (its log holds the prompt and images), so a golden record is built from this event alone."""
 
 
 class GoldenRecord(Message):

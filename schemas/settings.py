@@ -147,6 +147,12 @@ class StreamsSettings(_Section):
     label_synonyms: dict[str, str] = {}
     redact_pii: bool = True
     hard_case_threshold: float = 1.0
+    review_queue: str = "corrections"
+    """Name of the correction queue in Redis (its keys carry the hash tag `{review:<name>}`)."""
+    review_lease_s: Annotated[float, Field(gt=0)] = 900.0
+    """How long a claimed case stays with its reviewer before it returns to the queue."""
+    golden_snapshot_interval_s: Annotated[float, Field(gt=0)] = 3600.0
+    """How often the streams leader writes the golden set to the dataset bucket (golden/snapshots/)."""
 
 
 class Settings(BaseSettings):

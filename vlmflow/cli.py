@@ -21,6 +21,9 @@ COMMAND_MODULES = (
     "vlmflow.commands.topics",
     "vlmflow.commands.schemas",
     "vlmflow.commands.check",
+    "vlmflow.commands.review",
+    "vlmflow.commands.golden",
+    "vlmflow.commands.dataset",
 )
 
 
