@@ -11,7 +11,7 @@ from __future__ import annotations
 from schemas.errors import VlmflowError
 
 RATE_HELP = "records per second, e.g. 500 or 500/s"
-DEFAULT_SLACK_S = 0.1
+DEFAULT_SLACK_S = 0.05
 
 
 class RateError(VlmflowError, ValueError):
@@ -35,7 +35,9 @@ class RateLimiter:
 
     def __init__(self, per_second: float, *, slack_s: float = DEFAULT_SLACK_S):
         if per_second <= 0 or slack_s < 0:
-            raise RateError(f"rate {per_second}/s with slack {slack_s} s: the rate must be positive, the slack not negative")
+            raise RateError(
+                f"rate {per_second}/s with slack {slack_s} s: the rate must be positive, the slack not negative"
+            )
         self.interval_s = 1.0 / per_second
         self.slack_s = slack_s
         self._due_s: float | None = None

@@ -191,7 +191,7 @@ def test_the_rate_limit_holds_within_ten_percent_over_ten_seconds(
     overall = (len(sends) - 1) / (sends[-1] - sends[0])
     assert 450 <= overall <= 550, f"{overall:.0f} records/s over {sends[-1] - sends[0]:.1f} s"
     busiest = max(sum(1 for t in sends[i : i + 600] if t < start + 1.0) for i, start in enumerate(sends))
-    assert busiest <= 500 * (1 + DEFAULT_SLACK_S) + 1, f"{busiest} records in one second"
+    assert busiest <= 550, f"{busiest} records in one second (the limiter allows {500 * (1 + DEFAULT_SLACK_S):.0f} + 1)"
     assert len(read_topic(settings, DESTINATION)) == 5_000
 
 
