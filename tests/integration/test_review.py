@@ -7,6 +7,7 @@ The golden agent runs in a Faust worker of its own (tests/integration/golden_app
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
+from PIL import Image
 from redis.asyncio import Redis
 
 from schemas.cases import Correction, GoldenRecord, HardCase, Signal
@@ -233,3 +235,33 @@ def test_review_round_trip(
     stats = json.loads(capsys.readouterr().out)
     assert (stats["pending"], stats["leased"], stats["submitted"]) == (0, 0, 1)
     assert stats["counters"]["lapsed"] == 1
+
+
+def test_suggest_pre_fills_and_a_person_confirms(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`review suggest` through the worker's engine protocol (the instant engine: no model needed), then
+    `submit --accept-suggestion` publishes it as the model's correction, confirmed by a person."""
+    queue_name = f"sg-{uuid.uuid4().hex[:8]}"
+    for name, value in {**review_env(settings, queue_name), "VLMFLOW_ENGINE__KIND": "instant"}.items():
+        monkeypatch.setenv(name, value)
+    case = hard_case(f"suggest-{queue_name}", 300)
+    image = io.BytesIO()
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(image, format="PNG")
+    object_store(settings).put_object("vlm-images", f"{case.log.images[0].uri.split('/', 3)[3]}", io.BytesIO(
+        image.getvalue()), len(image.getvalue()))
+
+    async def enqueue() -> None:
+        redis = Redis.from_url(settings.redis.url)
+        await CorrectionQueue(redis, queue_name).enqueue(case)
+        await redis.aclose()
+
+    asyncio.run(enqueue())
+    assert main(["review", "suggest", "--limit", "5"]) == 0
+    assert "suggested 1 of 1" in capsys.readouterr().out
+    assert main(["review", "next", "--reviewer", "dana", "--json"]) == 0
+    claim = json.loads(capsys.readouterr().out)
+    assert claim["suggestion"] == {"objects": []}
+    assert main(["review", "submit", "--accept-suggestion", "--reviewer", "dana"]) == 0
+    (correction,) = [Correction.model_validate_json(r.value) for r in read_topic(settings, "vlm.corrections.done")]
+    assert (correction.source, correction.reviewer, correction.output) == ("model", "dana", {"objects": []})
