@@ -46,7 +46,7 @@ from streams.llamafactory import SPLITS, data_file, dataset_info, sharegpt_examp
 from streams.mixing import Example, mix, seeded, split_by_task
 from streams.negatives import negatives
 from streams.recipe import GoldenSource, JsonlSource, NegativesSource, PhaseName, Recipe
-from workers.tokens import resized_size
+from workers.tokens import resized_size, vision_spec
 
 
 class ExportError(VlmflowError):
@@ -177,7 +177,8 @@ class _Exporter:
         self.base_dir = base_dir
         self.settings = settings
         self.store = Minio(**settings.s3.client_kwargs())  # type: ignore[arg-type]
-        self.max_pixels = recipe.target.max_pixels or settings.model.max_pixels or 12_845_056
+        family_default = vision_spec(recipe.target.family).max_pixels
+        self.max_pixels = recipe.target.max_pixels or settings.model.max_pixels or family_default
         self._golden_topic: list[GoldenRecord] | None = None
 
     def load(self, source: JsonlSource | GoldenSource) -> list[Example]:
