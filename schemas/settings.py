@@ -8,11 +8,19 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 LOCAL_KAFKA_PORT = 19092
 LOCAL_S3_PORT = 18333
 LOCAL_REDIS_PORT = 16379
+
+SECRETS_DIR_ENV = "VLMFLOW_SECRETS_DIR"
+"""Names the directory of secret files (e.g. /run/secrets); read when this module is imported."""
 
 ModelFamily = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -163,7 +171,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         env_file=".env",
         extra="ignore",
-        secrets_dir=os.environ.get("VLMFLOW_SECRETS_DIR"),
+        secrets_dir=os.environ.get(SECRETS_DIR_ENV),
     )
 
     state_dir: Path = Path(".vlmflow")
@@ -176,6 +184,19 @@ class Settings(BaseSettings):
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     streams: StreamsSettings = Field(default_factory=StreamsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Secret files are named like the variables, nested fields included (`vlmflow_kafka__sasl_password`),
+        as a compose `secrets:` mount or a Kubernetes secret volume lays them out; the environment wins."""
+        return init_settings, env_settings, dotenv_settings, NestedSecretsSettingsSource(file_secret_settings)
 
 
 def load_settings(**overrides: object) -> Settings:
