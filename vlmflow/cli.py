@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "vlmflow.commands.topics",
     "vlmflow.commands.schemas",
     "vlmflow.commands.check",
+    "vlmflow.commands.budget",
     "vlmflow.commands.replay",
     "vlmflow.commands.offsets",
     "vlmflow.commands.lag",

@@ -1,0 +1,447 @@
+"""The token budget against a real Redis (Valkey): lease life cycle, fairness across processes, a multi-process
+stress test with SIGKILLed holders, vanished waiters, and a Redis restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from multiprocessing.synchronize import Event
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from schemas.settings import Settings, load_settings
+from tests.conftest import free_port_block
+from vlmflow.stack import LocalStack
+from workers.budget import (
+    WAITER_TTL_S,
+    BudgetTimeout,
+    BudgetUnavailable,
+    CostExceedsCapacity,
+    LeaseExpired,
+    TokenBudget,
+)
+
+SPAWN = multiprocessing.get_context("spawn")
+MAX_TTL_S = 5.0
+"""The longest lease TTL these tests use."""
+
+
+def unique_pool() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def client(url: str) -> Redis:
+    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2)
+
+
+async def settled(redis: Redis, ttl_s: float) -> None:
+    """Wait until the server is older than a lease TTL: a new pool on a younger server waits that long, in case
+    the server restarted and lost leases that holders still use."""
+    uptime_s = (await redis.info("server"))["uptime_in_seconds"]
+    await asyncio.sleep(max(0.0, ttl_s + 1 - uptime_s))
+
+
+@pytest.fixture
+async def redis(stack_settings: Settings) -> AsyncIterator[Redis]:
+    connection = client(stack_settings.redis.url)
+    await settled(connection, MAX_TTL_S)
+    yield connection
+    await connection.aclose()
+
+
+async def live_sum(redis: Redis, pool: str) -> int:
+    """The costs of unexpired leases, read in one transaction straight from the keys (not from the `used`
+    counter the scripts keep), so the check does not trust the code under test."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.time()
+        pipe.zrange(f"vlmflow:{{{pool}}}:leases", 0, -1, withscores=True)
+        pipe.hgetall(f"vlmflow:{{{pool}}}:costs")
+        (seconds, micros), leases, costs = await pipe.execute()
+    now_ms = seconds * 1000 + micros // 1000
+    return sum(int(costs[lease_id]) for lease_id, expiry in leases if expiry > now_ms)
+
+
+class Sampler:
+    """Reads the pool's use as fast as it can until stopped; remembers the peak and every violation."""
+
+    def __init__(self, redis: Redis, budget: TokenBudget):
+        self.redis, self.budget = redis, budget
+        self.samples = 0
+        self.peak = 0
+        self.over: list[tuple[int, int]] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw = await live_sum(self.redis, self.budget.pool)
+                state = await self.budget.state()
+            except (BudgetUnavailable, RedisConnectionError):
+                await asyncio.sleep(0.02)
+                continue
+            self.samples += 1
+            self.peak = max(self.peak, raw, state.in_use)
+            if raw > state.capacity or state.in_use > state.capacity:
+                self.over.append((raw, state.in_use))
+            await asyncio.sleep(0.002)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+
+# -- child processes ----------------------------------------------------------------------------------------------
+
+
+def hammer(url: str, pool: str, capacity: int, ttl_s: float, name: str, seed: int, max_cost: int,
+           max_hold_s: float, stop: Event) -> None:  # fmt: skip
+    """A worker process: reserve a random cost, hold it a random time (renewing), release; until stopped."""
+
+    async def run() -> None:
+        rng = random.Random(seed)
+        connection = client(url)
+        budget = TokenBudget(connection, pool, capacity, ttl_s)
+        while not stop.is_set():
+            lease = await budget.reserve(rng.randint(1, max_cost), name, timeout_s=30)
+            if stop.is_set():
+                await budget.release(lease)
+                break
+            hold_until = time.monotonic() + rng.uniform(0.02, max_hold_s)
+            while (left := hold_until - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, ttl_s / 3))
+                if hold_until > time.monotonic():
+                    lease = await budget.renew(lease)
+            await budget.release(lease)
+        await connection.aclose()
+
+    asyncio.run(run())
+
+
+def wait_forever(url: str, pool: str, capacity: int, ttl_s: float, cost: int) -> None:
+    """A process that queues for `cost` tokens and is killed while it waits."""
+
+    async def run() -> None:
+        budget = TokenBudget(client(url), pool, capacity, ttl_s)
+        await budget.reserve(cost, "waiter", timeout_s=120)
+        await asyncio.sleep(120)
+
+    asyncio.run(run())
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], poll: float = 0.02, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(poll)
+
+
+async def holders(redis: Redis, pool: str) -> set[str]:
+    return {value.decode() for value in await redis.hvals(f"vlmflow:{{{pool}}}:holders")}
+
+
+# -- the life cycle ----------------------------------------------------------------------------------------------
+
+
+async def test_reserve_renew_release_and_the_books(redis: Redis) -> None:
+    pool = unique_pool()
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=5)
+    lease = await budget.try_reserve(60, "job-1")
+    assert lease is not None and lease.cost == 60 and lease.pool == pool
+    assert await budget.try_reserve(41, "job-2") is None
+    assert await budget.in_use() == 60
+    renewed = await budget.renew(lease)
+    assert renewed.lease_id == lease.lease_id and renewed.expires_at_ms >= lease.expires_at_ms
+    assert await budget.release(renewed) is True
+    assert await budget.release(renewed) is False
+    assert await budget.in_use() == 0
+    with pytest.raises(CostExceedsCapacity, match="can never fit"):
+        await budget.try_reserve(101, "job-3")
+    with pytest.raises(CostExceedsCapacity):
+        await budget.reserve(101, "job-3", timeout_s=10)
+    keys = {key.decode() for key in await redis.keys(f"*{pool}*")}
+    assert keys and all(key.startswith(f"vlmflow:{{{pool}}}:") for key in keys)
+
+
+async def test_capacity_override_is_shared_by_the_pool(redis: Redis) -> None:
+    pool = unique_pool()
+    first = TokenBudget(redis, pool, capacity=100, lease_ttl_s=5)
+    second = TokenBudget(redis, pool, capacity=100, lease_ttl_s=5)
+    held = await first.try_reserve(50, "job-1")
+    await first.set_capacity(40)
+    assert (await second.state()).capacity == 40
+    with pytest.raises(CostExceedsCapacity):
+        await second.try_reserve(41, "job-2")
+    assert await second.try_reserve(10, "job-2") is None, "held tokens count against the lowered capacity"
+    assert held is not None and await first.release(held)
+    assert await second.try_reserve(40, "job-2") is not None
+
+
+async def test_expired_lease_comes_back_and_cannot_be_renewed(redis: Redis) -> None:
+    budget = TokenBudget(redis, unique_pool(), capacity=100, lease_ttl_s=0.3)
+    lease = await budget.try_reserve(70, "crashed")
+    assert lease is not None
+    await asyncio.sleep(0.4)
+    assert await budget.in_use() == 0
+    with pytest.raises(LeaseExpired):
+        await budget.renew(lease)
+    assert await budget.try_reserve(100, "next") is not None
+
+
+async def test_lost_pool_state_is_rebuilt_by_renewals(redis: Redis) -> None:
+    """The pool's keys vanish on a server that keeps running (a flush). The first caller that knew the old
+    state starts the recovery: its renewal registers its lease again, and nobody is granted meanwhile."""
+    pool = unique_pool()
+    holder = TokenBudget(redis, pool, capacity=100, lease_ttl_s=5)
+    lease = await holder.try_reserve(60, "holder")
+    assert lease is not None
+    await redis.delete(*await redis.keys(f"vlmflow:{{{pool}}}:*"))
+    renewed = await holder.renew(lease)
+    assert renewed.epoch != lease.epoch
+    newcomer = TokenBudget(redis, pool, capacity=100, lease_ttl_s=5)
+    assert await newcomer.try_reserve(10, "newcomer") is None
+    state = await newcomer.state()
+    assert state.in_use == 60 and state.recovering_until_ms > state.server_time_ms
+
+
+async def test_timeout_and_cancel_leave_the_queue(redis: Redis) -> None:
+    budget = TokenBudget(redis, unique_pool(), capacity=100, lease_ttl_s=5)
+    assert await budget.try_reserve(100, "hog") is not None
+    started = time.monotonic()
+    with pytest.raises(BudgetTimeout, match="within 0.3 s"):
+        await budget.reserve(10, "late", timeout_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 1.0
+    assert (await budget.state()).waiting == 0
+    waiting = asyncio.create_task(budget.reserve(10, "cancelled", timeout_s=30))
+
+    async def queued() -> bool:
+        return (await budget.state()).waiting == 1
+
+    await wait_until(queued)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (await budget.state()).waiting == 0
+
+
+async def test_try_reserve_does_not_overtake_a_waiter(redis: Redis) -> None:
+    budget = TokenBudget(redis, unique_pool(), capacity=100, lease_ttl_s=5)
+    first = await budget.try_reserve(60, "first")
+    assert first is not None
+    big = asyncio.create_task(budget.reserve(50, "big", timeout_s=10))
+
+    async def queued() -> bool:
+        return (await budget.state()).waiting == 1
+
+    await wait_until(queued)
+    assert await budget.try_reserve(10, "small") is None, "10 tokens are free but the big reservation is first"
+    await budget.release(first)
+    lease = await big
+    assert lease.cost == 50 and await budget.in_use() == 50
+
+
+async def test_a_vanished_waiter_stops_blocking_the_queue(redis: Redis, stack_settings: Settings) -> None:
+    pool = unique_pool()
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=5)
+    assert await budget.try_reserve(50, "holder") is not None
+    waiter = SPAWN.Process(target=wait_forever, args=(stack_settings.redis.url, pool, 100, 5.0, 80))
+    waiter.start()
+    try:
+
+        async def queued() -> bool:
+            return (await budget.state()).waiting == 1
+
+        await wait_until(queued, timeout=30)
+        assert await budget.try_reserve(10, "behind") is None
+    finally:
+        waiter.kill()
+        waiter.join()
+    killed = time.monotonic()
+    lease = await budget.reserve(10, "behind", timeout_s=10)
+    assert lease.cost == 10
+    assert time.monotonic() - killed <= WAITER_TTL_S + 0.5
+
+
+# -- many processes --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_stress_processes_killed_while_holding(redis: Redis, stack_settings: Settings) -> None:
+    """Ten processes with random costs and hold times; three are SIGKILLed while they hold leases. The pool is
+    never over capacity, and the killed leases are free again within the lease TTL + 1 s."""
+    pool, capacity, ttl_s = unique_pool(), 1_000, 2.0
+    budget = TokenBudget(redis, pool, capacity, ttl_s)
+    stop = SPAWN.Event()
+    processes = {
+        f"proc-{index}": SPAWN.Process(
+            target=hammer,
+            args=(stack_settings.redis.url, pool, capacity, ttl_s, f"proc-{index}", index, 450, 1.5, stop),
+        )
+        for index in range(10)
+    }
+    sampler = Sampler(redis, budget)
+    sampler.start()
+    for process in processes.values():
+        process.start()
+    try:
+
+        async def three_hold() -> bool:
+            return len(await holders(redis, pool)) >= 3
+
+        await wait_until(three_hold, timeout=60)
+        await asyncio.sleep(2.0)
+        await wait_until(three_hold, poll=0.001)
+        victims = sorted(await holders(redis, pool))[:3]
+        for name in victims:
+            processes[name].kill()
+        killed = time.monotonic()
+        stop.set()
+        held_after_kill = set(victims) & await holders(redis, pool)
+        assert len(held_after_kill) >= 2, f"the victims {victims} should hold leases when killed"
+
+        async def all_free() -> bool:
+            return await budget.in_use() == 0 and await live_sum(redis, pool) == 0
+
+        await wait_until(all_free, poll=0.01, timeout=ttl_s + 5)
+        recovered_s = time.monotonic() - killed
+        for name, process in processes.items():
+            process.join(timeout=30)
+            if name not in victims:
+                assert process.exitcode == 0, f"{name} failed"
+    finally:
+        for process in processes.values():
+            if process.is_alive():
+                process.kill()
+                process.join()
+        await sampler.stop()
+    assert sampler.samples > 100
+    assert sampler.over == []
+    assert sampler.peak > capacity // 2, "the test should load the pool"
+    assert recovered_s <= ttl_s + 1.0
+
+
+@pytest.mark.slow
+async def test_a_large_reservation_is_served_among_many_small_ones(redis: Redis, stack_settings: Settings) -> None:
+    """Six processes keep taking small costs; without the queue, 80 of 100 tokens would rarely be free at once.
+    Each large reservation waits at most for the small leases ahead of it to end (held up to 0.3 s)."""
+    pool, capacity, ttl_s = unique_pool(), 100, 2.0
+    budget = TokenBudget(redis, pool, capacity, ttl_s)
+    stop = SPAWN.Event()
+    processes = [
+        SPAWN.Process(
+            target=hammer,
+            args=(stack_settings.redis.url, pool, capacity, ttl_s, f"small-{index}", index, 15, 0.3, stop),
+        )
+        for index in range(6)
+    ]
+    for process in processes:
+        process.start()
+    try:
+
+        async def loaded() -> bool:
+            return await budget.in_use() > capacity - 80
+
+        await wait_until(loaded, poll=0.005, timeout=60)
+        in_use = []
+        for _ in range(100):
+            in_use.append(await budget.in_use())
+            await asyncio.sleep(0.005)
+        assert sorted(in_use)[50] > capacity - 80, "80 tokens should seldom be free at once"
+        waits = []
+        for _ in range(5):
+            asked = time.monotonic()
+            lease = await budget.reserve(80, "large", timeout_s=20)
+            waits.append(time.monotonic() - asked)
+            await asyncio.sleep(0.1)
+            await budget.release(lease)
+            await asyncio.sleep(0.3)
+        assert len(await holders(redis, pool)) >= 1, "the small ones keep going"
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert all(process.exitcode == 0 for process in processes)
+    assert max(waits) < 0.3 + 1.5, waits
+
+
+# -- Redis goes away -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[LocalStack]:
+    settings = load_settings(state_dir=tmp_path / "valkey", redis={"url": f"redis://127.0.0.1:{free_port_block()}/0"})
+    stack = LocalStack(settings, only=("redis",))
+    stack.up()
+    yield stack
+    stack.down()
+
+
+@pytest.mark.slow
+async def test_redis_restart_grants_nothing_twice(own_redis: LocalStack) -> None:
+    """Holder A renews through an outage; holder D died before it. Redis restarts empty. A's lease comes back
+    when A renews, D's does not, and a waiter B (a client that never saw the pool before the restart) that
+    needs A's tokens is served only after A releases."""
+    url, capacity, ttl_s = own_redis.settings.redis.url, 100, 2.0
+    pool = unique_pool()
+    connections = [client(url) for _ in range(4)]
+    await settled(connections[0], ttl_s)
+    budget_a, budget_b, budget_d, observer = (TokenBudget(c, pool, capacity, ttl_s) for c in connections)
+    lease_a = await budget_a.try_reserve(60, "A")
+    assert lease_a is not None and await budget_d.try_reserve(30, "D") is not None
+    done_a = asyncio.Event()
+    a_released_at = 0.0
+
+    async def holder_a() -> None:
+        """Renews every 0.2 s, through the outage, until told to release."""
+        nonlocal lease_a, a_released_at
+        assert lease_a is not None
+        while not done_a.is_set():
+            with contextlib.suppress(BudgetUnavailable):
+                lease_a = await budget_a.renew(lease_a)
+            await asyncio.sleep(0.2)
+        a_released_at = time.monotonic()
+        await budget_a.release(lease_a)
+
+    renewing = asyncio.create_task(holder_a())
+    own_redis.down()
+    with pytest.raises(BudgetUnavailable, match="Redis unavailable"):
+        await budget_b.try_reserve(10, "B")
+    with pytest.raises(BudgetUnavailable, match="Redis unavailable"):
+        await budget_b.reserve(10, "B", timeout_s=0.5)
+    waiting_b = asyncio.create_task(budget_b.reserve(50, "B", timeout_s=30))
+    await asyncio.sleep(1.0)
+    own_redis.up()
+    restarted = time.monotonic()
+    sampler = Sampler(connections[3], observer)
+    sampler.start()
+    try:
+        await asyncio.sleep(ttl_s + 0.5)
+        state = await observer.state()
+        assert state.in_use == 60, "A's lease is back after its renewal; D's is not"
+        assert not waiting_b.done(), "B needs A's tokens"
+        done_a.set()
+        await renewing
+        lease_b = await waiting_b
+        b_granted_at = time.monotonic()
+        assert lease_b.cost == 50 and await observer.in_use() == 50
+    finally:
+        await sampler.stop()
+        for connection in connections:
+            await connection.aclose()
+    assert b_granted_at >= a_released_at > restarted
+    assert sampler.over == [] and sampler.samples > 10

@@ -1,0 +1,269 @@
+"""The shared vision-token budget of a GPU pool, held in Redis as leases.
+
+A job holds a lease for its cost from admission until its result is published. Every operation is one Lua
+script (workers/budget_scripts.py) on Redis server time, so the books stay right across any number of worker
+processes and clocks: at every instant the sum of live leases is at most the capacity (a capacity lowered below
+the tokens in use takes effect as leases end). A lease lapses unless renewed within its TTL (renew every third
+of it), so a crashed worker's tokens come back by themselves. Waiting reservations are served first come, first
+served from a queue in Redis; a waiter that vanishes drops out of the queue after `WAITER_TTL_S`.
+
+Redis may lose the pool's state while holders still use their leases. When the state is new on a server that
+started less than one lease TTL ago (a restart without persistence), or a caller saw an older incarnation of it
+(a flush), grants wait until one TTL after that start, and a holder's renewal in that window registers its lease
+again. So a fresh Redis makes the first grants wait up to one lease TTL.
+
+This module is the adapter: it only passes arguments to the scripts and turns their answers into `Lease`s and
+errors. The accounting itself lives in the scripts, where it is atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, ReadOnlyError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from schemas.errors import ErrorCode, VlmflowError
+from workers import budget_scripts
+
+HEAD_POLL_S = 0.01
+"""How often the waiter at the head of the queue asks again; it is the next to be served."""
+QUEUE_POLL_S = 0.05
+"""How often the other waiters ask again, to keep their place (and how often anyone retries an absent Redis)."""
+WAITER_TTL_S = 2.0
+"""A waiter that has not asked for this long (40 polls) is gone: its ticket leaves the queue."""
+POOL_NAME = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
+"""No braces: the pool name becomes the keys' hash tag."""
+
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError)
+"""Redis errors that mean "not reachable now" rather than a defect."""
+
+
+class BudgetError(VlmflowError):
+    """Root of the budget's errors."""
+
+
+class CostExceedsCapacity(BudgetError):
+    """The cost can never fit: it is larger than the whole budget. Waiting would not help."""
+
+    code: ClassVar[ErrorCode] = "too_many_tokens"
+
+    def __init__(self, pool: str, cost: int, capacity: int):
+        self.pool, self.cost, self.capacity = pool, cost, capacity
+        super().__init__(f"{cost:,} vision tokens can never fit budget pool {pool!r} (capacity {capacity:,})")
+
+
+class BudgetTimeout(BudgetError):
+    """No tokens within the allowed wait."""
+
+    code: ClassVar[ErrorCode] = "budget_timeout"
+
+    def __init__(self, pool: str, cost: int, waited_s: float):
+        self.pool, self.cost, self.waited_s = pool, cost, waited_s
+        super().__init__(f"no {cost:,} vision tokens free in budget pool {pool!r} within {waited_s:.1f} s")
+
+
+class BudgetUnavailable(BudgetError):
+    """Redis did not answer. Nothing was granted that the caller knows of; a grant whose answer was lost lapses
+    by its TTL."""
+
+    def __init__(self, pool: str, cause: BaseException):
+        self.pool = pool
+        super().__init__(f"budget pool {pool!r}: Redis unavailable ({type(cause).__name__}: {cause})")
+
+
+class LeaseExpired(BudgetError):
+    """The lease is gone: it was not renewed within its TTL and its tokens went back to the pool."""
+
+    def __init__(self, lease: Lease):
+        self.lease = lease
+        super().__init__(f"lease {lease.lease_id} of {lease.holder!r} on budget pool {lease.pool!r} expired")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Tokens held from the budget. Renew it before `expires_at_ms`; release it when done."""
+
+    lease_id: str
+    """Unique per grant; the member of the pool's lease set in Redis."""
+    pool: str
+    """The budget pool the tokens came from."""
+    holder: str
+    """Who holds the tokens (for example "<worker>/<job_id>"), kept in Redis for inspection."""
+    cost: int
+    """Vision tokens held."""
+    expires_at_ms: int
+    """Redis server time (ms since the Unix epoch) at which the lease lapses unless renewed."""
+    epoch: str
+    """The incarnation of the pool's state that granted (or last renewed) the lease; lets a renewal register
+    the lease again after Redis lost its data."""
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A snapshot of a pool, after expired leases were reclaimed."""
+
+    capacity: int
+    """Tokens the pool may lend at once (the live override if one was set, else the configured capacity)."""
+    in_use: int
+    """Sum of the costs of live leases."""
+    leases: int
+    """Number of live leases."""
+    waiting: int
+    """Reservations in the queue."""
+    recovering_until_ms: int
+    """Server time until which grants wait after Redis lost the pool's state; in the past when not recovering."""
+    server_time_ms: int
+    """Redis server time of the snapshot."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One script's answer."""
+
+    status: str
+    epoch: str
+    now_ms: int
+    a: Any
+    """Meaning depends on the script and status (see workers/budget_scripts.py)."""
+    b: Any
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _poll_interval(place: int) -> float:
+    return HEAD_POLL_S if place == 0 else QUEUE_POLL_S
+
+
+class TokenBudget:
+    """The vision-token budget of one GPU pool, shared through Redis by every worker of the pool.
+
+    `capacity` is the configured capacity; `set_capacity` stores a live override for the whole pool, which wins
+    until Redis loses it. `lease_ttl_s` bounds how long a crashed holder's tokens stay taken.
+    """
+
+    def __init__(self, redis: Redis, pool: str, capacity: int, lease_ttl_s: float):
+        if not POOL_NAME.match(pool):
+            raise ValueError(f"budget pool name {pool!r} must be 1-100 of A-Z a-z 0-9 . _ : -")
+        if capacity < 1:
+            raise ValueError(f"budget capacity must be at least 1, got {capacity}")
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease TTL must be positive, got {lease_ttl_s}")
+        self.redis = redis
+        self.pool = pool
+        self.capacity = capacity
+        self.lease_ttl_s = lease_ttl_s
+        self._keys = [f"vlmflow:{{{pool}}}:{name}" for name in budget_scripts.KEY_NAMES]
+        self._epoch = ""
+        self._scripts = {
+            name: redis.register_script(budget_scripts.PRELUDE + getattr(budget_scripts, name))
+            for name in ("RESERVE", "RENEW", "RELEASE", "STATE", "SET_CAPACITY")
+        }
+
+    async def _run(self, script: str, *args: object) -> _Answer:
+        common = (self.capacity, max(1, round(self.lease_ttl_s * 1000)), self._epoch)
+        try:
+            reply = await self._scripts[script](keys=self._keys, args=[*common, *args])
+        except UNAVAILABLE as exc:
+            raise BudgetUnavailable(self.pool, exc) from exc
+        status, epoch, now_ms, a, b = reply
+        answer = _Answer(_text(status), _text(epoch), int(now_ms), a, b)
+        self._epoch = answer.epoch
+        return answer
+
+    def _lease(self, lease_id: str, holder: str, cost: int, answer: _Answer) -> Lease:
+        return Lease(lease_id, self.pool, holder, cost, int(answer.a), answer.epoch)
+
+    @staticmethod
+    def _check_cost(cost: int) -> None:
+        if cost < 1:
+            raise ValueError(f"a reservation costs at least 1 token, got {cost}")
+
+    async def try_reserve(self, cost: int, holder: str) -> Lease | None:
+        """A lease now, or None when the tokens are not free, others are already waiting for theirs, or the pool
+        is recovering from a loss of Redis' data."""
+        self._check_cost(cost)
+        lease_id = uuid.uuid4().hex
+        answer = await self._run("RESERVE", cost, holder, lease_id, "", 0)
+        if answer.status == "too_large":
+            raise CostExceedsCapacity(self.pool, cost, int(answer.a))
+        return self._lease(lease_id, holder, cost, answer) if answer.status == "granted" else None
+
+    async def reserve(self, cost: int, holder: str, timeout_s: float) -> Lease:
+        """A lease, waiting in line (first come, first served) up to `timeout_s`.
+
+        Raises `CostExceedsCapacity` at once when the cost can never fit, `BudgetTimeout` when the wait runs
+        out, and `BudgetUnavailable` when it runs out while Redis does not answer. Retries while Redis is away.
+        """
+        self._check_cost(cost)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        lease_id, ticket = uuid.uuid4().hex, uuid.uuid4().hex
+        waiter_ttl_ms = round(WAITER_TTL_S * 1000)
+        granted = False
+        try:
+            while True:
+                unavailable: BudgetUnavailable | None = None
+                place = 1
+                try:
+                    answer = await self._run("RESERVE", cost, holder, lease_id, ticket, waiter_ttl_ms)
+                except BudgetUnavailable as exc:
+                    unavailable = exc
+                else:
+                    if answer.status == "granted":
+                        granted = True
+                        return self._lease(lease_id, holder, cost, answer)
+                    if answer.status == "too_large":
+                        raise CostExceedsCapacity(self.pool, cost, int(answer.a))
+                    place = int(answer.a)
+                remaining = started + timeout_s - loop.time()
+                if remaining <= 0:
+                    if unavailable is not None:
+                        raise unavailable
+                    raise BudgetTimeout(self.pool, cost, loop.time() - started)
+                await asyncio.sleep(min(_poll_interval(place), remaining))
+        finally:
+            if not granted:
+                await self._withdraw(lease_id, ticket)
+
+    async def _withdraw(self, lease_id: str, ticket: str) -> None:
+        """Leave the queue, and free a grant whose answer was lost. Best effort: what Redis does not hear of
+        lapses by itself (the ticket after WAITER_TTL_S, a grant after the lease TTL)."""
+        with contextlib.suppress(BudgetUnavailable):
+            await self._run("RELEASE", lease_id, ticket)
+
+    async def renew(self, lease: Lease) -> Lease:
+        """The lease with a new expiry one TTL from now. Raises `LeaseExpired` when it lapsed already."""
+        answer = await self._run("RENEW", lease.lease_id, lease.cost, lease.holder, lease.epoch)
+        if answer.status == "lost":
+            raise LeaseExpired(lease)
+        return replace(lease, expires_at_ms=int(answer.a), epoch=answer.epoch)
+
+    async def release(self, lease: Lease) -> bool:
+        """Give the tokens back. True when this call freed them; releasing twice is harmless."""
+        answer = await self._run("RELEASE", lease.lease_id, "")
+        return bool(int(answer.a))
+
+    async def state(self) -> BudgetState:
+        answer = await self._run("STATE")
+        capacity, leases, waiting, recovering_until_ms = (int(value) for value in answer.b)
+        return BudgetState(capacity, int(answer.a), leases, waiting, recovering_until_ms, answer.now_ms)
+
+    async def in_use(self) -> int:
+        """Tokens held by live leases now."""
+        return (await self.state()).in_use
+
+    async def set_capacity(self, n: int) -> None:
+        """Set the pool's capacity for every worker. Leases already granted stay; new grants fit under `n`."""
+        if n < 1:
+            raise ValueError(f"budget capacity must be at least 1, got {n}")
+        await self._run("SET_CAPACITY", n)
