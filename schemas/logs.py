@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,22 @@ from schemas.jobs import ImageJob, JobResult
 SourceFormat = Literal["openai-chat", "legacy-flat", "vlmflow-job"]
 Status = Literal["ok", "error"]
 Feedback = Literal["none", "positive", "negative"]
+InvalidLogCode = Literal[
+    "not_json",  # the value is not JSON (or holds NaN/Infinity)
+    "not_an_object",  # JSON, but not an object
+    "unknown_format",  # an object of no known source format
+    "invalid_field",  # a field of the source format has a value that cannot be read; the detail names it
+    "invalid_timestamp",  # no time, or one that is no epoch number or ISO 8601 / `YYYY-MM-DD HH:MM:SS` text
+    "invalid_image",  # an image reference that is no s3://, bucket/key or http(s) URL, or sizes that do not match
+    "inline_image",  # a `data:` image: a dataset needs a stored object to point at
+    "invalid_correction",  # the user's correction is no JSON object or array, or holds an unreadable box
+]
+"""Why `streams.normalize.normalize` could not read a raw log (the `code` of `schemas.InvalidLog`)."""
+FlywheelRejectCode = Literal["rule", "duplicate", "internal_error"]
+"""`rule`: a filter rule fired (named in `rule`); `duplicate`: same content as an earlier log; `internal_error`: a
+defect in vlmflow met this log (the detail names the exception)."""
+RejectCode = InvalidLogCode | FlywheelRejectCode
+REJECT_CODES: tuple[str, ...] = (*get_args(InvalidLogCode), *get_args(FlywheelRejectCode))
 
 
 class _SourceLog(BaseModel):
@@ -109,17 +125,23 @@ class NormalizedLog(Message):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     lineage: Lineage | None = None
+    error_code: str | None = None
+    """Why the request failed: the job's `ErrorCode`, or `http_<status>` for gateway logs; None when it did not."""
+    attempt: Annotated[int, Field(ge=0)] = 0
+    """Earlier tries of the same request: the job's attempt, or how many logs with the same tenant, images and
+    prompt the flywheel saw before this one (0 the first time)."""
 
 
 class RejectedLog(Message):
     """A raw log that did not pass: nothing is dropped silently, and the rule or parse error is named."""
 
     log_id: str
-    code: str
+    code: RejectCode
     """`rule` when a filter rule fired, `duplicate`, or an `InvalidLog` code from normalization."""
     rule: str | None = None
+    """The filter rule that fired (`dedupe` for duplicates); None for normalization errors."""
     detail: str = ""
     original: Any = None
-    """The raw value as JSON, or its text when it was not JSON."""
+    """The raw value as JSON, or its text when it was not JSON; texts are PII-redacted like normalized logs."""
     lineage: Lineage | None = None
     rejected_at: UtcDatetime = Field(default_factory=utc_now)

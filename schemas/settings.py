@@ -148,6 +148,28 @@ class WorkerSettings(_Section):
     metrics_port: int = 9464
 
 
+class MiningSettings(_Section):
+    """Hard-case mining: each signal's weight adds to a log's score (a weight of 0 turns the signal off)."""
+
+    weights: dict[str, Annotated[float, Field(ge=0)]] = {
+        "unparseable_output": 1.0,
+        "schema_violation": 1.0,
+        "refusal": 1.0,
+        "negative_feedback": 1.0,
+        "correction": 1.5,
+        "box_outside_image": 0.7,
+        "low_confidence": 0.5,
+        "retry": 0.5,
+    }
+    """Missing names weigh 0. The default threshold (1.0) is met by any one strong signal, or two weak ones."""
+    low_confidence: Annotated[float, Field(ge=0, le=1)] = 0.3
+    """A `confidence` or `score` in the output below this fires `low_confidence`."""
+    box_tolerance_px: Annotated[float, Field(ge=0)] = 1.0
+    """How far a box may reach past the image edge before `box_outside_image` fires."""
+    capabilities: list[str] = ["detect", "ground", "caption", "extract"]
+    """Tasks the model is meant to answer: a refusal of one of these fires `refusal`."""
+
+
 class StreamsSettings(_Section):
     app_id: str = "vlmflow-flywheel"
     rules_path: Path | None = None
@@ -161,6 +183,13 @@ class StreamsSettings(_Section):
     """How long a claimed case stays with its reviewer before it returns to the queue."""
     golden_snapshot_interval_s: Annotated[float, Field(gt=0)] = 3600.0
     """How often the streams leader writes the golden set to the dataset bucket (golden/snapshots/)."""
+    mining: MiningSettings = Field(default_factory=MiningSettings)
+    dedupe_ttl_s: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
+    """How long a content hash is remembered in Redis: a repeat within this window is rejected as `duplicate`."""
+    retry_window_s: Annotated[int, Field(ge=60)] = 24 * 3600
+    """How long tries of the same request (tenant, images, prompt) are counted towards `attempt`."""
+    progress_interval_s: Annotated[float, Field(gt=0)] = 30.0
+    """How often the worker logs its counts (normalized, rejected by code, hard cases)."""
 
 
 class Settings(BaseSettings):

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "vlmflow.commands.schemas",
     "vlmflow.commands.check",
     "vlmflow.commands.budget",
+    "vlmflow.commands.streams",
     "vlmflow.commands.replay",
     "vlmflow.commands.offsets",
     "vlmflow.commands.lag",

@@ -1,0 +1,235 @@
+"""The flywheel's Faust app: agents that wire topics and Redis to the pure functions of `streams`.
+
+    vlm.logs.raw ──normalize──▶ screen (normalize, rules, redact) ──▶ dedupe (Redis) ──▶ vlm.logs.normalized
+                                 └─ rejected with code/rule ──────────────┴─ duplicate ──▶ vlm.logs.rejected
+    vlm.logs.normalized ──mine──▶ signals, score ──▶ vlm.cases.hard (when the score reaches the threshold)
+    vlm.cases.hard ──enqueue──▶ the correction queue (Redis), at the case's priority
+    + the agents of `EXTRA_AGENT_MODULES` (the golden set: vlm.corrections.done ──▶ vlm.golden)
+
+Each agent decodes a record, calls pure functions and sends; Faust owns the offsets (it flushes the producer
+before it commits, so delivery is at least once). A bad record never stops an agent: it becomes a rejection
+(raw logs) or an error line (our own topics). Scale-out is Kafka's: start more `vlmflow streams` members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import ssl
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import faust
+from faust.types import EventT, StreamT
+from faust.types.auth import CredentialsT
+from redis.asyncio import Redis
+
+from schemas.cases import HardCase
+from schemas.codec import decode, encode, key_of
+from schemas.errors import InvalidMessage
+from schemas.logs import Lineage, NormalizedLog, RejectedLog
+from schemas.settings import KafkaSettings, Settings
+from streams.dedupe import SeenStore, Sighting, retrying
+from streams.mining import hard_case
+from streams.queue import CorrectionQueue
+from streams.screen import ScreenConfig, rejection, screen
+
+log = logging.getLogger(__name__)
+
+RAW = "vlm.logs.raw"
+NORMALIZED = "vlm.logs.normalized"
+REJECTED = "vlm.logs.rejected"
+HARD = "vlm.cases.hard"
+
+BATCH_MAX = 500
+BATCH_WITHIN_S = 0.05
+"""Agents take up to BATCH_MAX records at once (or what arrived within BATCH_WITHIN_S), so the dedupe state costs
+one Redis round trip per batch rather than per log. Faust acks a batch once the agent asks for the next one, so
+handling never raises: defects become rejections, Redis failures are retried until Redis answers."""
+PRODUCER_LINGER_S = 0.005
+"""Batches outputs per partition (Faust's default, 0, sends a request per record and halves throughput)."""
+ENQUEUE_CONCURRENCY = 16
+"""Hard cases queued at once (one Redis connection each; the queue has one script call per case)."""
+EXTRA_AGENT_MODULES: tuple[str, ...] = ("streams.golden",)
+"""Modules whose `register(app, settings)` adds agents of other parts of the flywheel to the same worker."""
+
+
+@dataclass
+class Counts:
+    """What this worker did since it started, for the progress line."""
+
+    normalized: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    hard_cases: int = 0
+    queued: int = 0
+    skipped: int = 0
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{code} {count}" for code, count in self.rejected.most_common())
+        return (
+            f"normalized {self.normalized}, rejected {sum(self.rejected.values())}"
+            f"{f' ({reasons})' if reasons else ''}, hard cases {self.hard_cases} ({self.queued} queued), "
+            f"undecodable skipped {self.skipped}"
+        )
+
+
+def create_app(settings: Settings, *, extra_agent_modules: tuple[str, ...] = EXTRA_AGENT_MODULES) -> faust.App:
+    """The Faust app with every flywheel agent. Reads the rules now, so a bad rules file fails before start."""
+    streams = settings.streams
+    screen_config = ScreenConfig.from_settings(streams)
+    datadir = settings.state_dir / "streams" / streams.app_id
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        streams.app_id,
+        broker=[f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")],
+        broker_credentials=_credentials(settings.kafka),
+        broker_client_id=settings.kafka.client_id,
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
+        broker_heartbeat_interval=settings.kafka.session_timeout_ms / 1000 / 3,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger=PRODUCER_LINGER_S,
+        store="memory://",
+        datadir=str(datadir),
+        web_enabled=False,
+        topic_replication_factor=settings.kafka.replication_factor,
+        topic_partitions=1,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    counts = Counts()
+    raw_topic = app.topic(RAW)
+    normalized_topic = app.topic(NORMALIZED)
+    rejected_topic = app.topic(REJECTED)
+    hard_topic = app.topic(HARD)
+
+    async def publish(outcome: NormalizedLog | RejectedLog) -> None:
+        if isinstance(outcome, NormalizedLog):
+            await normalized_topic.send(key=key_of(NORMALIZED, outcome), value=encode(outcome))
+            counts.normalized += 1
+        else:
+            await rejected_topic.send(key=key_of(REJECTED, outcome), value=encode(outcome))
+            counts.rejected[outcome.code] += 1
+
+    @app.agent(raw_topic, name="vlmflow.normalize")
+    async def normalize_logs(stream: StreamT) -> None:
+        """raw → screen → dedupe → normalized | rejected."""
+        redis = Redis.from_url(settings.redis.url)
+        seen = SeenStore(
+            redis,
+            prefix=f"vlmflow:streams:{streams.app_id}",
+            dedupe_ttl_s=streams.dedupe_ttl_s,
+            retry_window_s=streams.retry_window_s,
+        )
+        try:
+            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+                lineages = [_lineage(event) for event in events]
+                outcomes = [_screen_or_reject(event.value, lineage, screen_config)
+                            for event, lineage in zip(events, lineages, strict=True)]  # fmt: skip
+                passed = [(i, outcome) for i, outcome in enumerate(outcomes) if isinstance(outcome, NormalizedLog)]
+                sightings = await seen.sight([(outcome, lineages[i]) for i, outcome in passed])
+                for (i, outcome), sighting in zip(passed, sightings, strict=True):
+                    outcomes[i] = _dedupe(outcome, sighting, events[i].value, screen_config)
+                for outcome in outcomes:
+                    await publish(outcome)
+        finally:
+            await redis.aclose()
+
+    @app.agent(normalized_topic, name="vlmflow.mine")
+    async def mine_logs(stream: StreamT) -> None:
+        """normalized → signals → hard case (over the threshold)."""
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            for event in events:
+                normalized = _decoded(NORMALIZED, event, counts)
+                if normalized is None:
+                    continue
+                case = hard_case(normalized, streams.mining, threshold=streams.hard_case_threshold)
+                if case is not None:
+                    await hard_topic.send(key=key_of(HARD, case), value=encode(case))
+                    counts.hard_cases += 1
+
+    @app.agent(hard_topic, name="vlmflow.enqueue")
+    async def enqueue_cases(stream: StreamT) -> None:
+        """hard case → the correction queue at its priority (a case already submitted stays out). Enqueueing is
+        idempotent, so a batch is simply sent again after a Redis failure."""
+        redis = Redis.from_url(settings.redis.url)
+        queue = CorrectionQueue(redis, streams.review_queue)
+        try:
+            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+                cases = [case for case in (_decoded(HARD, event, counts) for event in events) if case is not None]
+                await retrying(partial(_enqueue, queue, cases), "Redis (correction queue)")
+                counts.queued += len(cases)
+        finally:
+            await redis.aclose()
+
+    @app.timer(interval=streams.progress_interval_s)
+    async def progress() -> None:
+        log.info("flywheel: %s", counts.line())
+
+    for module_name in extra_agent_modules:
+        importlib.import_module(module_name).register(app, settings)
+    return app
+
+
+def _decoded(topic_name: str, event: EventT, counts: Counts) -> Any:
+    """The event's value as its topic's model; None (logged and counted) when it does not decode."""
+    try:
+        return decode(topic_name, event.value)
+    except InvalidMessage as exc:
+        counts.skipped += 1
+        message = event.message
+        log.error("skipped %s[%d]@%d: %s", message.topic, message.partition, message.offset, exc)
+        return None
+
+
+def _screen_or_reject(raw: bytes | None, lineage: Lineage, config: ScreenConfig) -> NormalizedLog | RejectedLog:
+    """`screen`, with a defect in vlmflow turned into an `internal_error` rejection instead of a dead agent."""
+    try:
+        return screen(raw, lineage=lineage, config=config)
+    except Exception as exc:  # noqa: BLE001 - the record is rejected with the defect named; the agent goes on
+        log.exception("defect while screening %s[%d]@%d", lineage.topic, lineage.partition, lineage.offset)
+        return rejection(raw or b"", lineage, code="internal_error", detail=f"{type(exc).__name__}", config=config)
+
+
+async def _enqueue(queue: CorrectionQueue, cases: list[HardCase]) -> None:
+    for start in range(0, len(cases), ENQUEUE_CONCURRENCY):
+        await asyncio.gather(*(queue.enqueue(case) for case in cases[start : start + ENQUEUE_CONCURRENCY]))
+
+
+def _lineage(event: EventT) -> Lineage:
+    message = event.message
+    return Lineage(topic=message.topic, partition=message.partition, offset=message.offset)
+
+
+def _dedupe(
+    normalized: NormalizedLog, sighting: Sighting, raw: bytes, config: ScreenConfig
+) -> NormalizedLog | RejectedLog:
+    """A duplicate becomes a rejection naming the first copy; a repeat of the request counts as an attempt."""
+    assert normalized.lineage is not None
+    if sighting.is_duplicate_of(normalized.lineage):
+        detail = f"same images, prompt and answer as {sighting.first_lineage}"
+        return rejection(raw, normalized.lineage, code="duplicate", rule="dedupe", detail=detail, config=config)
+    if sighting.earlier_tries > normalized.attempt:
+        return normalized.model_copy(update={"attempt": sighting.earlier_tries})
+    return normalized
+
+
+def _credentials(kafka: KafkaSettings) -> CredentialsT | None:
+    """Faust's spelling of the connection security in `KafkaSettings`."""
+    context: ssl.SSLContext | None = None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+        if kafka.ssl_certfile:
+            context.load_cert_chain(str(kafka.ssl_certfile), str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None)
+    if kafka.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            mechanism=kafka.sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
+

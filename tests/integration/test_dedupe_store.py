@@ -1,0 +1,48 @@
+"""`streams.dedupe.SeenStore` on the real Redis: duplicates, redeliveries and repeated requests."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from redis.asyncio import Redis
+
+from schemas.logs import Lineage
+from schemas.settings import Settings
+from streams.dedupe import SeenStore
+from streams.normalize import normalize
+
+
+def legacy(req_id: str, answer: str) -> bytes:
+    return json.dumps({"req_id": req_id, "ts": 1772366400, "app": "shop", "img": "b/a.png", "q": "what?",
+                       "ans": answer}).encode()  # fmt: skip
+
+
+def at(offset: int) -> Lineage:
+    return Lineage(topic="vlm.logs.raw", partition=0, offset=offset)
+
+
+async def test_duplicates_redeliveries_and_tries(stack_settings: Settings) -> None:
+    redis = Redis.from_url(stack_settings.redis.url)
+    prefix = f"test:{uuid.uuid4().hex[:8]}"
+    store = SeenStore(redis, prefix=prefix, dedupe_ttl_s=60, retry_window_s=60)
+    try:
+        first = normalize(legacy("r-1", '{"a": 1}'))
+        resent = normalize(legacy("r-2", '{"a": 1}'))
+        retried = normalize(legacy("r-3", '{"a": 2}'))
+
+        [seen] = await store.sight([(first, at(0))])
+        assert not seen.is_duplicate_of(at(0)) and seen.earlier_tries == 0
+        [again] = await store.sight([(first, at(0))])
+        assert not again.is_duplicate_of(at(0)) and again.earlier_tries == 0, "a redelivery is not a duplicate"
+        duplicate, retry = await store.sight([(resent, at(1)), (retried, at(2))])
+        assert duplicate.is_duplicate_of(at(1)) and duplicate.first_lineage == "vlm.logs.raw:0:0"
+        assert duplicate.earlier_tries == 1
+        assert not retry.is_duplicate_of(at(2)) and retry.earlier_tries == 2
+        assert [s.earlier_tries for s in await store.sight([(retried, at(2)), (first, at(0))])] == [2, 0]
+        assert await store.sight([]) == []
+
+        ttls = [await redis.ttl(key) async for key in redis.scan_iter(f"{prefix}:*")]
+        assert len(ttls) == 3 and all(0 < ttl <= 60 for ttl in ttls)
+    finally:
+        await redis.aclose()

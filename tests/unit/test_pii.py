@@ -1,0 +1,75 @@
+"""`streams.pii`: emails, phone numbers and long digit runs are redacted; dates, times and boxes are not."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from schemas.logs import ImageInfo, NormalizedLog
+from streams.pii import redact_log, redact_text, redact_value
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("mail jane.doe+x@mail.example.co.uk!", "mail [EMAIL]!"),
+        ("call +1 415 555 0100 now", "call [PHONE] now"),
+        ("(415) 555-0100", "[PHONE]"),
+        ("415-555-0100 or 415.555.0100", "[PHONE] or [PHONE]"),
+        ("+44 20 7946 0958", "[PHONE]"),
+        ("+49 30 123456", "[PHONE]"),
+        ("ssn 123-45-6789", "ssn [PHONE]"),
+        ("card 4111 1111 1111 1111", "card [PHONE]"),
+        ("account 4155550100", "account [NUMBER]"),
+        ("acct ACC-123456789", "acct ACC-[NUMBER]"),
+        ("ID12345678901", "ID[NUMBER]"),
+    ],
+)
+def test_pii_is_redacted(text: str, redacted: str) -> None:
+    assert redact_text(text) == redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "on 2024-01-15 10:30 it broke",
+        "12:30:45",
+        "555 1234",
+        "pi is 3.14159265358979",
+        "version 10.0.19045",
+        "bbox [12.5, 300, 640, 480]",
+        "1,234,567,890 items",
+        "an image of 1024x768 pixels",
+    ],
+)
+def test_ordinary_numbers_are_kept(text: str) -> None:
+    assert redact_text(text) == text
+
+
+def test_values_keys_and_id_like_numbers() -> None:
+    value = {"owner@example.com": ["call 415-555-0100", 123456789, 12345678, True, 1.5, None]}
+    assert redact_value(value) == {"[EMAIL]": ["call [PHONE]", "[NUMBER]", 12345678, True, 1.5, None]}
+    assert redact_value(value, numbers=False) == {"[EMAIL]": ["call [PHONE]", 123456789, 12345678, True, 1.5, None]}
+
+
+def test_redact_log_covers_every_text_and_leaves_references() -> None:
+    log = NormalizedLog(
+        log_id="log-1",
+        source_format="openai-chat",
+        request_id="req-4155550100",
+        timestamp=datetime(2026, 3, 1, tzinfo=UTC),
+        prompt="I am jane@example.com",
+        images=[ImageInfo(uri="s3://b/jane@example.com/a.png")],
+        output_text='{"phone": "415-555-0100"}',
+        output={"phone": "415-555-0100"},
+        output_error="near 415-555-0100",
+        correction={"phone": "+1 415 555 0199", "id": 987654321},
+    )
+    redacted = redact_log(log)
+    assert redacted.prompt == "I am [EMAIL]"
+    assert redacted.output_text == '{"phone": "[PHONE]"}'
+    assert redacted.output == {"phone": "[PHONE]"}
+    assert redacted.output_error == "near [PHONE]"
+    assert redacted.correction == {"phone": "[PHONE]", "id": "[NUMBER]"}
+    assert (redacted.request_id, redacted.images) == (log.request_id, log.images)

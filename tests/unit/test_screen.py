@@ -1,0 +1,76 @@
+"""`streams.screen` and the pure half of `streams.dedupe`: what the raw-log agent decides for one record."""
+
+from __future__ import annotations
+
+import json
+
+from schemas.logs import Lineage, NormalizedLog, RejectedLog
+from schemas.settings import StreamsSettings
+from streams.dedupe import content_hash, lineage_text, request_fingerprint
+from streams.normalize import normalize
+from streams.rules import RuleSet
+from streams.screen import MAX_ORIGINAL_CHARS, ScreenConfig, screen
+
+CONFIG = ScreenConfig.from_settings(StreamsSettings(label_synonyms={"kitty": "cat"}))
+LINEAGE = Lineage(topic="vlm.logs.raw", partition=1, offset=9)
+
+
+def legacy(**overrides: object) -> bytes:
+    log = {"req_id": "r-1", "ts": 1772366400, "app": "shop", "img": "b/a.png", "img_w": 640, "img_h": 480,
+           "q": "who is jane@example.com?", "ans": '{"objects": [{"label": "Kitty", "bbox_2d": [1, 2, 3, 4]}]}'}  # fmt: skip
+    log.update(overrides)
+    return json.dumps(log).encode()
+
+
+def test_a_good_log_is_normalized_and_redacted() -> None:
+    outcome = screen(legacy(), lineage=LINEAGE, config=CONFIG)
+    assert isinstance(outcome, NormalizedLog)
+    assert outcome.prompt == "who is [EMAIL]?" and outcome.lineage == LINEAGE
+    assert outcome.output == {"objects": [{"label": "cat", "bbox_xyxy": [1.0, 2.0, 3.0, 4.0]}]}
+
+
+def test_rules_see_the_log_before_redaction() -> None:
+    rules = RuleSet.model_validate({"rules": [{"name": "emails", "when": {"field": "prompt", "regex": "@example"}}]})
+    config = ScreenConfig(rules=rules, synonyms={}, redact=True)
+    outcome = screen(legacy(), lineage=LINEAGE, config=config)
+    assert isinstance(outcome, RejectedLog)
+    assert (outcome.code, outcome.rule) == ("rule", "emails")
+    assert outcome.original["q"] == "who is [EMAIL]?"
+
+
+def test_rejections_name_the_code_and_keep_the_original() -> None:
+    outcome = screen(legacy(ts="never"), lineage=LINEAGE, config=CONFIG)
+    assert isinstance(outcome, RejectedLog)
+    assert (outcome.code, outcome.rule, outcome.lineage) == ("invalid_timestamp", None, LINEAGE)
+    assert outcome.detail.startswith("invalid_timestamp: ts:") and outcome.original["ts"] == "never"
+    rule = screen(legacy(app="loadtest-1"), lineage=LINEAGE, config=CONFIG)
+    assert isinstance(rule, RejectedLog) and (rule.code, rule.rule) == ("rule", "test-traffic")
+
+
+def test_unreadable_records_are_rejected_as_text_cut_and_redacted() -> None:
+    text = b"oops jane@example.com " + b"x" * 5_000
+    outcome = screen(text, lineage=LINEAGE, config=CONFIG)
+    assert isinstance(outcome, RejectedLog) and outcome.code == "not_json"
+    assert outcome.original.startswith("oops [EMAIL] xxx") and outcome.original.endswith("more chars]")
+    assert len(outcome.original) < MAX_ORIGINAL_CHARS + 50
+    tombstone = screen(None, lineage=LINEAGE, config=CONFIG)
+    assert isinstance(tombstone, RejectedLog) and tombstone.code == "not_json"
+    inline = screen(legacy(img="data:image/png;base64," + "A" * 10_000), lineage=LINEAGE, config=CONFIG)
+    assert isinstance(inline, RejectedLog) and inline.code == "inline_image"
+    assert len(inline.original["img"]) < MAX_ORIGINAL_CHARS + 50
+
+
+def test_without_redaction_texts_stay() -> None:
+    config = ScreenConfig(rules=CONFIG.rules, synonyms={}, redact=False)
+    outcome = screen(legacy(), lineage=LINEAGE, config=config)
+    assert isinstance(outcome, NormalizedLog) and outcome.prompt == "who is jane@example.com?"
+
+
+def test_content_hash_and_request_fingerprint() -> None:
+    first = normalize(legacy())
+    resent = normalize(legacy(req_id="r-2", ts=1772366500, app="shop"))
+    other_answer = normalize(legacy(req_id="r-3", ans='{"objects": []}'))
+    other_tenant = normalize(legacy(req_id="r-4", app="claims"))
+    assert content_hash(first) == content_hash(resent) == content_hash(other_tenant) != content_hash(other_answer)
+    assert request_fingerprint(first) == request_fingerprint(other_answer) != request_fingerprint(other_tenant)
+    assert lineage_text(LINEAGE) == "vlm.logs.raw:1:9"
