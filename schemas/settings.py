@@ -116,6 +116,8 @@ class EngineSettings(_Section):
     dtype: str = "auto"
     max_model_len: int = 4_096
     gpu_memory_utilization: float = 0.90
+    kv_cache_memory_bytes: int | None = None
+    """KV cache size; None: `gpu_memory_utilization` decides on CUDA, and 256 MiB is used on CPU."""
     limit_images_per_prompt: int = 4
     max_num_seqs: int = 32
     cudagraph_mm_encoder: bool = True
@@ -140,11 +142,15 @@ class WorkerSettings(_Section):
     max_inline_image_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
     """Decompression-bomb limit: images with more pixels are refused before decoding."""
+    max_image_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
+    """Largest encoded image fetched from S3 or an allow-listed URL."""
     url_allow_list: list[str] = []
     """Hosts from which plain http(s) image URLs may be fetched; empty means none."""
     max_attempts: Annotated[int, Field(ge=1)] = 3
     retry_backoff_s: Annotated[float, Field(ge=0)] = 2.0
     idempotency_ttl_s: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    """On SIGTERM, how long in-flight jobs may run on before they are handed back (redelivered elsewhere)."""
     metrics_port: int = 9464
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 from minio import Minio
 
 from schemas.settings import Settings
@@ -20,3 +23,11 @@ def ensure_buckets(settings: Settings) -> list[str]:
             client.make_bucket(bucket)
             created.append(bucket)
     return created
+
+
+def put_image(settings: Settings, data: bytes, suffix: str) -> str:
+    """Store an encoded image in the first image bucket under a content-addressed key; returns its s3:// URI."""
+    bucket = settings.s3.image_buckets[0]
+    key = f"uploads/{hashlib.sha256(data).hexdigest()[:32]}{suffix.lower()}"
+    object_store(settings).put_object(bucket, key, io.BytesIO(data), len(data))
+    return f"s3://{bucket}/{key}"
