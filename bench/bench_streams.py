@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
@@ -81,8 +82,8 @@ async def bare_loop(settings: Settings, count: int) -> None:
                     try:
                         out = normalize(record.value, lineage=lineage)
                     except InvalidLog as exc:
-                        out = RejectedLog(log_id=raw_log_id(record.value), code=exc.code, detail=str(exc),  # type: ignore[arg-type]
-                                          lineage=lineage)  # fmt: skip
+                        code: Any = exc.code
+                        out = RejectedLog(log_id=raw_log_id(record.value), code=code, detail=str(exc), lineage=lineage)
                     name = BARE_OUT[0] if isinstance(out, NormalizedLog) else BARE_OUT[1]
                     await producer.send(name, encode(out), key=out.log_id.encode())
                     done += 1

@@ -97,7 +97,8 @@ class ImageInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     uri: str
-    """`s3://bucket/key`, whatever form the source used (path-style presigned URLs included)."""
+    """`s3://bucket/key`, whatever form the source used (`bucket/key`, path-style presigned URLs); an http(s) URL
+    that is not presigned stays as it is."""
     width: Annotated[int, Field(ge=1)] | None = None
     height: Annotated[int, Field(ge=1)] | None = None
 

@@ -50,7 +50,7 @@ BATCH_WITHIN_S = 0.05
 one Redis round trip per batch rather than per log. Faust acks a batch once the agent asks for the next one, so
 handling never raises: defects become rejections, Redis failures are retried until Redis answers."""
 PRODUCER_LINGER_S = 0.005
-"""Batches outputs per partition (Faust's default, 0, sends a request per record and halves throughput)."""
+"""Batches outputs per partition; Faust's default (0) sends a produce request per record (docs/flywheel.md)."""
 ENQUEUE_CONCURRENCY = 16
 """Hard cases queued at once (one Redis connection each; the queue has one script call per case)."""
 EXTRA_AGENT_MODULES: tuple[str, ...] = ("streams.golden",)

@@ -328,7 +328,8 @@ def _legacy_flat(value: dict[str, Any]) -> dict[str, Any]:
     images = []
     if image is not None:
         uri = image_uri(image, "img")
-        images.append(ImageInfo(uri=uri, width=_size(value.get("img_w"), "img_w"), height=_size(value.get("img_h"), "img_h")))
+        width, height = _size(value.get("img_w"), "img_w"), _size(value.get("img_h"), "img_h")
+        images.append(ImageInfo(uri=uri, width=width, height=height))
     latency_s = _number(value.get("lat"), "lat")
     return {
         "request_id": request_id,

@@ -38,7 +38,8 @@ class _Builder:
 
     def pii(self) -> str:
         """A phrase with an email, a phone number and an ID number, each unique to this log."""
-        email, phone, number = f"canary{self.index}@example.org", f"+1 415 555 {self.index % 10_000:04d}", f"990{self.index:09d}"
+        email, number = f"canary{self.index}@example.org", f"990{self.index:09d}"
+        phone = f"+1 415 555 {self.index % 10_000:04d}"
         self.canaries.extend([email, phone[3:], number])
         return f"contact {email} or {phone}, account {number}"
 
@@ -158,7 +159,7 @@ def _job(b: _Builder, *, failed: bool) -> dict[str, Any]:
     finished = T0 + timedelta(seconds=b.index)
     if failed:
         result = JobResult(job_id=job.job_id, status="error", task="detect", finished_at=finished, model="qwen2-vl",
-                           error=JobError(code="output_invalid", message="answer did not match the schema"))  # fmt: skip
+                           error=JobError(code="output_invalid", message="not the task's schema"))  # fmt: skip
     else:
         output = {"objects": [{"label": "scratch", "bbox_2d": [10, 20, 110, 220], "confidence": 0.2}]}
         result = JobResult(job_id=job.job_id, status="ok", task="detect", output=output, finished_at=finished,

@@ -80,7 +80,7 @@ def test_flywheel_stream(settings: Settings, tmp_path: Path) -> None:
         outcomes[_where(rejection.lineage)] = reason or f"rejected:{rejection.code}"
     assert len(normalized) + len(rejected) == LOG_COUNT == len(outcomes)
     assert set(outcomes) == set(planned)
-    mismatches = Counter((planned[where].expect, got) for where, got in outcomes.items() if planned[where].expect != got)
+    mismatches = Counter((planned[at].expect, got) for at, got in outcomes.items() if planned[at].expect != got)
     assert not mismatches, mismatches
 
     # no planted PII on any output topic (rejected originals included) nor in the queue

@@ -86,5 +86,6 @@ def test_every_form_round_trips_within_rounding(
 ) -> None:
     box = (round(min(a, c) * width, 1), round(min(b, d) * height, 1), round(max(a, c) * width, 1),
            round(max(b, d) * height, 1))  # fmt: skip
-    back = to_xyxy(list(from_xyxy(box, form, width=width, height=height)), form, width=width, height=height)  # type: ignore[arg-type]
+    there = from_xyxy(box, form, width=width, height=height)  # type: ignore[arg-type]
+    back = to_xyxy(list(there), form, width=width, height=height)  # type: ignore[arg-type]
     assert all(abs(x - y) <= 0.1 + 1e-9 for x, y in zip(back, box, strict=True))

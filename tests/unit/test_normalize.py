@@ -244,8 +244,11 @@ def test_legacy_flat_unparseable_answers_are_kept_with_the_reason(ans: str, reas
     assert log.output is None and log.output_text == ans and reason in (log.output_error or "")
 
 
-@pytest.mark.parametrize(("ok", "status"), [(True, "ok"), (False, "error"), ("true", "ok"), ("false", "error"),
-                                            (1, "ok"), (0, "error"), ("yes", "ok"), ("no", "error"), (None, "ok")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("ok", "status"),
+    [(True, "ok"), (False, "error"), ("true", "ok"), ("false", "error"), (1, "ok"), (0, "error"), ("yes", "ok"),
+     ("no", "error"), (None, "ok")],
+)  # fmt: skip
 def test_legacy_flat_ok_spellings(ok: Any, status: str) -> None:
     assert normalize(legacy(ok=ok)).status == status
 
@@ -259,7 +262,9 @@ def test_legacy_flat_thumbs(thumbs: Any, feedback: str) -> None:
     assert normalize(legacy(thumbs=thumbs)).feedback == feedback
 
 
-@pytest.mark.parametrize(("field", "value"), [("ok", "maybe"), ("ok", 2), ("thumbs", 5), ("thumbs", True), ("lat", "slow")])
+@pytest.mark.parametrize(
+    ("field", "value"), [("ok", "maybe"), ("ok", 2), ("thumbs", 5), ("thumbs", True), ("lat", "slow")]
+)
 def test_legacy_flat_unreadable_fields(field: str, value: Any) -> None:
     assert code_of(legacy(**{field: value})) == "invalid_field"
 

@@ -16,8 +16,9 @@ LINEAGE = Lineage(topic="vlm.logs.raw", partition=1, offset=9)
 
 
 def legacy(**overrides: object) -> bytes:
+    answer = '{"objects": [{"label": "Kitty", "bbox_2d": [1, 2, 3, 4]}]}'
     log = {"req_id": "r-1", "ts": 1772366400, "app": "shop", "img": "b/a.png", "img_w": 640, "img_h": 480,
-           "q": "who is jane@example.com?", "ans": '{"objects": [{"label": "Kitty", "bbox_2d": [1, 2, 3, 4]}]}'}  # fmt: skip
+           "q": "who is jane@example.com?", "ans": answer}  # fmt: skip
     log.update(overrides)
     return json.dumps(log).encode()
 
