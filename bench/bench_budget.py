@@ -1,8 +1,9 @@
 """Benchmark: reserve+release pairs per second on the token budget, next to pairs of bare Redis round trips on
 the same server in the same run. Each reserve and each release is one EVALSHA, so a pair should cost about
-two bare round trips (ratio near 1).
+two bare round trips (ratio near 1). A third column, two EVALSHA of a script that does nothing but with the
+budget's keys and arguments, separates the price of a script call from the price of the budget's own work.
 
-    python bench/bench_budget.py [--seconds 3] [--concurrency 1,16] [--background-leases 0,1000]
+    python bench/bench_budget.py [--rounds 9] [--seconds 1] [--concurrency 1,16] [--background-leases 0,1000]
 
 Uses VLMFLOW_REDIS__URL or REDIS_URL when a server answers there, else starts its own Valkey on a free port.
 """
@@ -26,9 +27,8 @@ from redis.asyncio import Redis
 from schemas.settings import load_settings
 from vlmflow.stack import LocalStack
 from workers.budget import TokenBudget
+from workers.budget_scripts import KEY_NAMES
 
-ROUNDS = 3
-"""Timed rounds of each kind; figures are medians."""
 LEASE_TTL_S = 5.0
 """The measured leases live for microseconds; the background ones are renewed by a longer TTL of their own."""
 
@@ -80,9 +80,11 @@ async def pairs_per_second(pair: Callable[[], Awaitable[object]], concurrency: i
     return done / (time.perf_counter() - started)
 
 
-async def measure(url: str, concurrency: int, background_leases: int, seconds: float) -> tuple[float, float, float]:
-    """Median reserve+release pairs/s, median bare pairs/s, and the median of the rounds' ratios; the two
-    kinds alternate round by round so that both see the same load on the machine."""
+async def measure(
+    url: str, concurrency: int, background_leases: int, rounds: int, seconds: float
+) -> tuple[float, float, float, float]:
+    """Median pairs/s of reserve+release, of two GETs and of two no-op scripts, and the median of the rounds'
+    ratios (budget to GET); the kinds alternate round by round so that all see the same load on the machine."""
     redis = Redis.from_url(url, max_connections=max(concurrency, 1) + 4)
     pool = f"bench-{uuid.uuid4().hex[:8]}"
     budget = TokenBudget(redis, pool, capacity=10_000_000, lease_ttl_s=LEASE_TTL_S)
@@ -100,20 +102,32 @@ async def measure(url: str, concurrency: int, background_leases: int, seconds: f
         await redis.get("bench:key")
         await redis.get("bench:key")
 
+    noop = redis.register_script("return ARGV[1]")
+    keys = [f"vlmflow:{{{pool}}}:{name}" for name in KEY_NAMES]
+    args = [10_000_000, 5_000, "1795700000000000", 1_000, "bench", "0" * 32, "0" * 32, 2_000]
+
+    async def noop_pair() -> None:
+        await noop(keys=keys, args=args)
+        await noop(keys=keys, args=args)
+
     await budget_pair()  # loads the scripts
-    budget_rates, bare_rates = [], []
-    for _ in range(ROUNDS):
+    await noop_pair()
+    budget_rates, bare_rates, noop_rates = [], [], []
+    for _ in range(rounds):
         budget_rates.append(await pairs_per_second(budget_pair, concurrency, seconds))
         bare_rates.append(await pairs_per_second(bare_pair, concurrency, seconds))
+        noop_rates.append(await pairs_per_second(noop_pair, concurrency, seconds))
     await redis.delete(*await redis.keys(f"vlmflow:{{{pool}}}:*"), "bench:key")
     await redis.aclose()
     ratios = [bare / budget for budget, bare in zip(budget_rates, bare_rates, strict=True)]
-    return statistics.median(budget_rates), statistics.median(bare_rates), statistics.median(ratios)
+    medians = (statistics.median(rates) for rates in (budget_rates, bare_rates, noop_rates))
+    return (*medians, statistics.median(ratios))  # type: ignore[return-value]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each timed round")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds of each kind, alternating")
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of each timed round")
     parser.add_argument("--concurrency", default="1,16", help="callers at once, comma-separated")
     parser.add_argument("--background-leases", default="0,1000", help="live leases of other holders, comma-separated")
     args = parser.parse_args()
@@ -123,14 +137,20 @@ def main() -> None:
             # NOTE: on a server younger than a lease TTL a new pool waits that long (it may have lost leases).
             time.sleep(LEASE_TTL_S + 1 - uptime_s)
         version = sync_redis.Redis.from_url(url).info("server").get("redis_version")
-        print(f"server {url} (redis_version {version}), {ROUNDS} alternating rounds of {args.seconds:.1f} s each")
-        print(f"{'callers':>7} {'leases':>7} {'reserve+release/s':>18} {'2 x GET/s':>10} {'ratio':>6}")
+        print(f"server {url} (redis_version {version}), {args.rounds} alternating rounds of {args.seconds:.1f} s each")
+        header = ("callers", "leases", "reserve+release/s", "2 x GET/s", "ratio", "2 x no-op script/s")
+        print("{:>7} {:>7} {:>18} {:>10} {:>6} {:>19}".format(*header))
         for concurrency in (int(value) for value in args.concurrency.split(",")):
             for background in (int(value) for value in args.background_leases.split(",")):
-                budget_rate, bare_rate, ratio = asyncio.run(measure(url, concurrency, background, args.seconds))
-                print(f"{concurrency:>7} {background:>7} {budget_rate:>18,.0f} {bare_rate:>10,.0f} {ratio:>6.2f}")
+                budget_rate, bare_rate, noop_rate, ratio = asyncio.run(
+                    measure(url, concurrency, background, args.rounds, args.seconds)
+                )
+                print(
+                    f"{concurrency:>7} {background:>7} {budget_rate:>18,.0f} {bare_rate:>10,.0f} {ratio:>6.2f}"
+                    f" {noop_rate:>19,.0f}"
+                )
         print("ratio = time of one reserve+release / time of two bare GET round trips (1.00 = equal);")
-        print(f"rates are medians of {ROUNDS} rounds, the ratio the median of the rounds' ratios")
+        print(f"rates are medians of {args.rounds} rounds, the ratio the median of the rounds' ratios")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
-import uuid
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import ClassVar, NamedTuple
 
 from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError, ReadOnlyError
@@ -124,20 +124,23 @@ class BudgetState:
     """Redis server time of the snapshot."""
 
 
-@dataclass(frozen=True)
-class _Answer:
+class _Answer(NamedTuple):
     """One script's answer."""
 
     status: str
     epoch: str
     now_ms: int
-    a: Any
-    """Meaning depends on the script and status (see workers/budget_scripts.py)."""
-    b: Any
+    numbers: list[int]
+    """What they mean depends on the script and the status (see workers/budget_scripts.py)."""
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _answer(reply: bytes | str) -> _Answer:
+    status, epoch, now_ms, *numbers = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
+    return _Answer(status, epoch, int(now_ms), [int(number) for number in numbers])
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
 
 
 def _poll_interval(place: int) -> float:
@@ -163,6 +166,7 @@ class TokenBudget:
         self.capacity = capacity
         self.lease_ttl_s = lease_ttl_s
         self._keys = [f"vlmflow:{{{pool}}}:{name}" for name in budget_scripts.KEY_NAMES]
+        self._ttl_ms = max(1, round(lease_ttl_s * 1000))
         self._epoch = ""
         self._scripts = {
             name: redis.register_script(budget_scripts.PRELUDE + getattr(budget_scripts, name))
@@ -170,18 +174,16 @@ class TokenBudget:
         }
 
     async def _run(self, script: str, *args: object) -> _Answer:
-        common = (self.capacity, max(1, round(self.lease_ttl_s * 1000)), self._epoch)
         try:
-            reply = await self._scripts[script](keys=self._keys, args=[*common, *args])
+            reply = await self._scripts[script](keys=self._keys, args=(self.capacity, self._ttl_ms, self._epoch, *args))
         except UNAVAILABLE as exc:
             raise BudgetUnavailable(self.pool, exc) from exc
-        status, epoch, now_ms, a, b = reply
-        answer = _Answer(_text(status), _text(epoch), int(now_ms), a, b)
+        answer = _answer(reply)
         self._epoch = answer.epoch
         return answer
 
     def _lease(self, lease_id: str, holder: str, cost: int, answer: _Answer) -> Lease:
-        return Lease(lease_id, self.pool, holder, cost, int(answer.a), answer.epoch)
+        return Lease(lease_id, self.pool, holder, cost, answer.numbers[0], answer.epoch)
 
     @staticmethod
     def _check_cost(cost: int) -> None:
@@ -192,10 +194,10 @@ class TokenBudget:
         """A lease now, or None when the tokens are not free, others are already waiting for theirs, or the pool
         is recovering from a loss of Redis' data."""
         self._check_cost(cost)
-        lease_id = uuid.uuid4().hex
+        lease_id = _new_id()
         answer = await self._run("RESERVE", cost, holder, lease_id, "", 0)
         if answer.status == "too_large":
-            raise CostExceedsCapacity(self.pool, cost, int(answer.a))
+            raise CostExceedsCapacity(self.pool, cost, answer.numbers[0])
         return self._lease(lease_id, holder, cost, answer) if answer.status == "granted" else None
 
     async def reserve(self, cost: int, holder: str, timeout_s: float) -> Lease:
@@ -207,7 +209,8 @@ class TokenBudget:
         self._check_cost(cost)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        lease_id, ticket = uuid.uuid4().hex, uuid.uuid4().hex
+        # NOTE: the ticket (queue) and the lease id (leases) live in different keys; one id serves as both.
+        lease_id = ticket = _new_id()
         waiter_ttl_ms = round(WAITER_TTL_S * 1000)
         granted = False
         try:
@@ -223,8 +226,8 @@ class TokenBudget:
                         granted = True
                         return self._lease(lease_id, holder, cost, answer)
                     if answer.status == "too_large":
-                        raise CostExceedsCapacity(self.pool, cost, int(answer.a))
-                    place = int(answer.a)
+                        raise CostExceedsCapacity(self.pool, cost, answer.numbers[0])
+                    place = answer.numbers[0]
                 remaining = started + timeout_s - loop.time()
                 if remaining <= 0:
                     if unavailable is not None:
@@ -246,17 +249,17 @@ class TokenBudget:
         answer = await self._run("RENEW", lease.lease_id, lease.cost, lease.holder, lease.epoch)
         if answer.status == "lost":
             raise LeaseExpired(lease)
-        return replace(lease, expires_at_ms=int(answer.a), epoch=answer.epoch)
+        return replace(lease, expires_at_ms=answer.numbers[0], epoch=answer.epoch)
 
     async def release(self, lease: Lease) -> bool:
         """Give the tokens back. True when this call freed them; releasing twice is harmless."""
         answer = await self._run("RELEASE", lease.lease_id, "")
-        return bool(int(answer.a))
+        return answer.numbers[0] > 0
 
     async def state(self) -> BudgetState:
         answer = await self._run("STATE")
-        capacity, leases, waiting, recovering_until_ms = (int(value) for value in answer.b)
-        return BudgetState(capacity, int(answer.a), leases, waiting, recovering_until_ms, answer.now_ms)
+        in_use, capacity, leases, waiting, recovering_until_ms = answer.numbers
+        return BudgetState(capacity, in_use, leases, waiting, recovering_until_ms, answer.now_ms)
 
     async def in_use(self) -> int:
         """Tokens held by live leases now."""

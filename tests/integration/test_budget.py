@@ -63,10 +63,10 @@ async def live_sum(redis: Redis, pool: str) -> int:
     async with redis.pipeline(transaction=True) as pipe:
         pipe.time()
         pipe.zrange(f"vlmflow:{{{pool}}}:leases", 0, -1, withscores=True)
-        pipe.hgetall(f"vlmflow:{{{pool}}}:costs")
-        (seconds, micros), leases, costs = await pipe.execute()
+        pipe.hgetall(f"vlmflow:{{{pool}}}:held")
+        (seconds, micros), leases, held = await pipe.execute()
     now_ms = seconds * 1000 + micros // 1000
-    return sum(int(costs[lease_id]) for lease_id, expiry in leases if expiry > now_ms)
+    return sum(int(held[lease_id].split(b"|")[0]) for lease_id, expiry in leases if expiry > now_ms)
 
 
 class Sampler:
@@ -149,7 +149,7 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], poll: float = 0.0
 
 
 async def holders(redis: Redis, pool: str) -> set[str]:
-    return {value.decode() for value in await redis.hvals(f"vlmflow:{{{pool}}}:holders")}
+    return {value.decode().split("|", 1)[1] for value in await redis.hvals(f"vlmflow:{{{pool}}}:held")}
 
 
 # -- the life cycle ----------------------------------------------------------------------------------------------
