@@ -3,7 +3,7 @@ tokens, lease, infer, publish result and log event, release, commit) with the in
 aiokafka consume -> produce -> commit loop over the same broker in the same run; then with vLLM on CPU and the
 tiny random Qwen2-VL when the engine environment exists.
 
-    python bench/bench_worker.py [--jobs 2000] [--vllm-jobs 48] [--max-in-flight 16]
+    python bench/bench_worker.py [--jobs 2000] [--vllm-jobs 200] [--max-in-flight 16]
 
 Starts its own local stack (broker, S3 store, Valkey) on free ports and stops it at the end. Throughput is
 taken from the broker timestamps of the output records (first to last), so start-up and group joins do not
@@ -197,7 +197,7 @@ def own_broker(settings: Settings, state_dir: Path) -> Iterator[Settings]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000, help="jobs for the bare loop and the instant engine")
-    parser.add_argument("--vllm-jobs", type=int, default=48, help="jobs for the tiny vLLM model (0: skip)")
+    parser.add_argument("--vllm-jobs", type=int, default=200, help="jobs for the tiny vLLM model (0: skip)")
     parser.add_argument("--max-in-flight", type=int, default=16, help="worker.max_in_flight (and the bare batch)")
     parser.add_argument("--vllm-output-tokens", type=int, default=32, help="max_output_tokens of the vLLM jobs")
     args = parser.parse_args()

@@ -28,6 +28,8 @@ from vlmflow.worker_process import EngineKind, WorkerProcess, engine_python
 DEMO_POOL = "demo"
 DEMO_CAPACITY = 4096
 """Vision tokens of the demo's budget pool: a few images at once, and a four-image job can never fit."""
+DEMO_LEASE_TTL_S = 10.0
+"""Short leases: after a fresh Redis start the budget holds grants back for one lease TTL (workers.budget)."""
 WORKER_READY_TIMEOUT_S = 900.0
 """vLLM loads and profiles the model before the worker takes work: about half a minute to a few minutes on CPU."""
 
@@ -52,13 +54,15 @@ class DemoSummary:
 
 
 def demo_settings(settings: Settings) -> Settings:
-    """The user's settings with the demo's budget pool, an inline-image limit that a test payload can exceed
-    cheaply, quick retries, 127.0.0.1 allowed as an image host (a port nothing listens on shows retries and the
-    dead-letter topic), metrics on a free port, and an absolute model path for the child process."""
+    """The user's settings with the demo's budget pool and short leases, an inline-image limit that a test
+    payload can exceed cheaply, quick retries, 127.0.0.1 allowed as an image host (a port nothing listens on shows
+    retries and the dead-letter topic), metrics on a free port, and an absolute model path for the child process."""
     worker = settings.worker
     return settings.model_copy(
         update={
-            "budget": settings.budget.model_copy(update={"pool": DEMO_POOL, "capacity": DEMO_CAPACITY}),
+            "budget": settings.budget.model_copy(
+                update={"pool": DEMO_POOL, "capacity": DEMO_CAPACITY, "lease_ttl_s": DEMO_LEASE_TTL_S}
+            ),
             "worker": worker.model_copy(
                 update={
                     "max_inline_image_bytes": 1024 * 1024,
@@ -101,7 +105,11 @@ def _outcome(job: PlannedJob, result: JobResult | None) -> str:
         return "LOST"
     if result.error is not None:
         shown = f"error {result.error.code}"
-        return shown if job.expected == result.error.code else f"{shown} (expected {job.expected or 'ok'})"
+        if job.expected == result.error.code:
+            return shown
+        if job.expected is None and result.error.code == "output_invalid" and result.completion_tokens > 0:
+            return f"{shown} (random weights: {result.error.message[:90]})"
+        return f"{shown} (expected {job.expected or 'ok'})"
     text = json.dumps(result.output)
     shown = f"ok    {text[:70] + '...' if len(text) > 70 else text}"
     return shown if job.expected is None else f"{shown} (expected {job.expected})"

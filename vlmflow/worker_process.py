@@ -73,11 +73,13 @@ class WorkerProcess:
         self.python = python or Path(sys.executable)
         self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
+        self._ready_lines_before = 0  # ready lines already in the log (a log shared with earlier workers)
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         argv = [str(self.python), "-m", "vlmflow.cli", "worker", "--engine", self.engine]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._ready_lines_before = self._ready_lines()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -96,11 +98,11 @@ class WorkerProcess:
         except FileNotFoundError:
             return 0
 
-    def wait_ready(self, timeout_s: float, *, times: int = 1) -> None:
-        """Wait until the worker printed its ready line (`times` in all, for a log shared by restarts)."""
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until this worker printed its ready line."""
         assert self.process is not None, "start() first"
         deadline = time.monotonic() + timeout_s
-        while self._ready_lines() < times:
+        while self._ready_lines() <= self._ready_lines_before:
             if self.process.poll() is not None:
                 raise WorkerStartError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:

@@ -87,7 +87,7 @@ async def test_sigkill_mid_run_loses_no_job_and_shows_no_duplicate(settings: Set
             assert await sampler.budget.in_use() == 0, "the dead worker's leases lapsed by themselves"
 
             worker = WorkerProcess(settings, log_path).start()
-            worker.wait_ready(READY_TIMEOUT_S, times=2)
+            worker.wait_ready(READY_TIMEOUT_S)
             log = await reader.wait_for(job_ids, timeout_s=120, settle_s=3.0)
 
             assert log.duplicates() == {}
@@ -116,7 +116,7 @@ async def test_sigterm_hands_back_what_it_cannot_finish(settings: Settings, tmp_
 
         worker = WorkerProcess(settings, log_path).start()
         try:
-            worker.wait_ready(READY_TIMEOUT_S, times=2)
+            worker.wait_ready(READY_TIMEOUT_S)
             log = await reader.wait_for(job_ids, timeout_s=120)
         finally:
             assert worker.stop() == 0, worker.log_tail()

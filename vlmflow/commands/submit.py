@@ -11,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from schemas.base import utc_now
 from schemas.errors import VlmflowError
 from schemas.jobs import TASKS, ImageJob
@@ -75,8 +77,10 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> list[ImageJob]:
             )
             for image in args.images
         ]
-    except ValueError as exc:
-        raise VlmflowError(f"invalid job: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "job"
+        raise VlmflowError(f"invalid job: {where}: {first['msg']}") from None
 
 
 async def _submit(settings: Settings, jobs: list[ImageJob], wait: bool, timeout_s: float) -> int:

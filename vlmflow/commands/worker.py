@@ -41,7 +41,7 @@ def build_engine(settings: Settings, kind: EngineKind) -> Engine:
 
     model, engine = settings.model, settings.engine
     spec = vision_spec(model.family)
-    return VllmEngine(
+    vllm_engine = VllmEngine(
         str(model.path),
         min_pixels=spec.min_pixels if model.min_pixels is None else model.min_pixels,
         max_pixels=spec.max_pixels if model.max_pixels is None else model.max_pixels,
@@ -56,6 +56,8 @@ def build_engine(settings: Settings, kind: EngineKind) -> Engine:
         load_format=engine.load_format,
         dtype=engine.dtype,
     )
+    vllm_engine.engine_args.max_num_seqs = engine.max_num_seqs
+    return vllm_engine
 
 
 async def _serve(settings: Settings, engine: Engine) -> None:
