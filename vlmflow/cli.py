@@ -54,6 +54,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def one_line_error(exc: BaseException, settings: Settings | None) -> str | None:
     """The one-line message for an error a user can act on; None for a defect (which keeps its traceback)."""
+    from aiokafka.errors import KafkaError as AsyncKafkaError
     from kafka.errors import KafkaError
     from minio.error import S3Error
     from redis.exceptions import RedisError
@@ -68,7 +69,7 @@ def one_line_error(exc: BaseException, settings: Settings | None) -> str | None:
     kafka = settings.kafka.bootstrap_servers if settings else "the configured broker"
     s3 = settings.s3.endpoint if settings else "the configured S3 endpoint"
     redis_url = settings.redis.url if settings else "the configured Redis"
-    if isinstance(exc, KafkaError):
+    if isinstance(exc, KafkaError | AsyncKafkaError):
         return f"Kafka at {kafka}: {type(exc).__name__}: {exc}"
     if isinstance(exc, S3Error):
         if exc.code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"):

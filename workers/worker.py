@@ -219,14 +219,15 @@ class Worker:
     async def run(self, *, ready: asyncio.Event | None = None) -> None:
         """Serve until stopped. Raises what stopped it when that was Kafka or Redis failing."""
         async with AsyncExitStack() as stack:
+            # NOTE: every client is closed on the way out, started or not (a failed start still holds sockets).
+            stack.push_async_callback(self.redis.aclose)
+            stack.push_async_callback(self.producer.stop)
+            stack.push_async_callback(self.consumer.stop)
             await self.engine.start()
             stack.push_async_callback(self.engine.close)
-            stack.push_async_callback(self.redis.aclose)
             await self.producer.start()
-            stack.push_async_callback(self.producer.stop)
             await self._learn_result_ends()
             await self.consumer.start()
-            stack.push_async_callback(self.consumer.stop)
             self.consumer.subscribe(list(CONSUMED_TOPICS), listener=_Rebalance(self))
             if self.settings.worker.metrics_port >= 0:
                 self.metrics_server = self.metrics.serve(self.settings.worker.metrics_port)
@@ -257,8 +258,8 @@ class Worker:
         """
         partitions = await self._topic_partitions(RESULTS_TOPIC)
         probe = AIOKafkaConsumer(**aiokafka_options(self.settings.kafka), enable_auto_commit=False)
-        await probe.start()
         try:
+            await probe.start()
             ends = await probe.end_offsets([TopicPartition(RESULTS_TOPIC, p) for p in partitions])
         finally:
             await probe.stop()

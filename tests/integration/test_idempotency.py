@@ -74,8 +74,9 @@ async def test_in_doubt_job_whose_result_landed_is_not_answered_again(settings: 
     await leave_record(settings, job.job_id, state="publishing", owner="dead", until=0, partition=partition, offset=0)
     async with ResultReader(settings) as reader:
         await submit(settings, [job])
-        while duplicates(worker) < 1:
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(20):
+            while duplicates(worker) < 1:
+                await asyncio.sleep(0.05)
         log = await reader.wait_for({job.job_id}, timeout_s=10, settle_s=1.0)
     assert [result.output for result in log.records] == [{"caption": "earlier"}]
     assert await record_state(settings, job.job_id) == "done"

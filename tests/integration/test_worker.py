@@ -77,8 +77,7 @@ async def test_sigkill_mid_run_loses_no_job_and_shows_no_duplicate(settings: Set
         worker.wait_ready(READY_TIMEOUT_S)
         async with ResultReader(settings) as reader, BudgetSampler(settings) as sampler:
             await submit(settings, plan)
-            while reader.count(job_ids) < 60:
-                await asyncio.sleep(0.01)
+            await reader.wait_for_count(job_ids, 60, timeout_s=60)
             worker.kill()
             answered_at_kill = reader.count(job_ids)
             assert answered_at_kill < len(plan), "the kill came in the middle of the run"
@@ -108,8 +107,7 @@ async def test_sigterm_hands_back_what_it_cannot_finish(settings: Settings, tmp_
     worker.wait_ready(READY_TIMEOUT_S)
     async with ResultReader(settings) as reader:
         await submit(settings, plan)
-        while reader.count(job_ids) < 20:
-            await asyncio.sleep(0.01)
+        await reader.wait_for_count(job_ids, 20, timeout_s=60)
         assert worker.process is not None
         worker.process.send_signal(signal.SIGTERM)
         assert worker.stop() == 0, worker.log_tail()

@@ -105,6 +105,12 @@ class ResultReader:
     def count(self, job_ids: set[str]) -> int:
         return len(job_ids & self.log.by_job().keys())
 
+    async def wait_for_count(self, job_ids: set[str], count: int, timeout_s: float) -> None:
+        """Until `count` of `job_ids` have a result."""
+        async with asyncio.timeout(timeout_s):
+            while self.count(job_ids) < count:
+                await asyncio.sleep(0.01)
+
 
 def mismatches(
     plan: list[PlannedJob], results: dict[str, JobResult], settings: Settings, *, random_weights: bool = False
