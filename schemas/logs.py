@@ -23,9 +23,10 @@ InvalidLogCode = Literal[
     "invalid_correction",  # the user's correction is no JSON object or array, or holds an unreadable box
 ]
 """Why `streams.normalize.normalize` could not read a raw log (the `code` of `schemas.InvalidLog`)."""
-FlywheelRejectCode = Literal["rule", "duplicate", "internal_error"]
-"""`rule`: a filter rule fired (named in `rule`); `duplicate`: same content as an earlier log; `internal_error`: a
-defect in vlmflow met this log (the detail names the exception)."""
+FlywheelRejectCode = Literal["rule", "duplicate", "too_large", "internal_error"]
+"""`rule`: a filter rule fired (named in `rule`); `duplicate`: same content as an earlier log; `too_large`: the
+normalized record would not fit a Kafka message; `internal_error`: a defect in vlmflow met this log (the detail
+names the exception)."""
 RejectCode = InvalidLogCode | FlywheelRejectCode
 REJECT_CODES: tuple[str, ...] = (*get_args(InvalidLogCode), *get_args(FlywheelRejectCode))
 

@@ -51,6 +51,11 @@ one Redis round trip per batch rather than per log. Faust acks a batch once the 
 handling never raises: defects become rejections, Redis failures are retried until Redis answers."""
 PRODUCER_LINGER_S = 0.005
 """Batches outputs per partition; Faust's default (0) sends a produce request per record (docs/flywheel.md)."""
+MAX_REQUEST_BYTES = 1_000_000
+"""The producer's request limit (Kafka's default `max.request.size`); a record over it could never be sent."""
+MAX_RECORD_BYTES = 900_000
+"""Normalized logs above this are rejected as `too_large` (room left for the key, headers and the hard case's
+extra fields), instead of failing the send and with it the whole batch."""
 ENQUEUE_CONCURRENCY = 16
 """Hard cases queued at once (one Redis connection each; the queue has one script call per case)."""
 EXTRA_AGENT_MODULES: tuple[str, ...] = ("streams.golden",)
@@ -92,6 +97,7 @@ def create_app(settings: Settings, *, extra_agent_modules: tuple[str, ...] = EXT
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger=PRODUCER_LINGER_S,
+        producer_max_request_size=MAX_REQUEST_BYTES,
         store="memory://",
         datadir=str(datadir),
         web_enabled=False,
@@ -106,12 +112,17 @@ def create_app(settings: Settings, *, extra_agent_modules: tuple[str, ...] = EXT
     rejected_topic = app.topic(REJECTED)
     hard_topic = app.topic(HARD)
 
-    async def publish(outcome: NormalizedLog | RejectedLog) -> None:
+    async def publish(outcome: NormalizedLog | RejectedLog, raw: bytes | None) -> None:
+        value = encode(outcome)
+        if isinstance(outcome, NormalizedLog) and len(value) > MAX_RECORD_BYTES:
+            detail = f"the normalized record has {len(value)} bytes, more than {MAX_RECORD_BYTES}"
+            outcome = rejection(raw or b"", _lineage_of(outcome), code="too_large", detail=detail, config=screen_config)
+            value = encode(outcome)
         if isinstance(outcome, NormalizedLog):
-            await normalized_topic.send(key=key_of(NORMALIZED, outcome), value=encode(outcome))
+            await normalized_topic.send(key=key_of(NORMALIZED, outcome), value=value)
             counts.normalized += 1
         else:
-            await rejected_topic.send(key=key_of(REJECTED, outcome), value=encode(outcome))
+            await rejected_topic.send(key=key_of(REJECTED, outcome), value=value)
             counts.rejected[outcome.code] += 1
 
     @app.agent(raw_topic, name="vlmflow.normalize")
@@ -133,8 +144,8 @@ def create_app(settings: Settings, *, extra_agent_modules: tuple[str, ...] = EXT
                 sightings = await seen.sight([(outcome, lineages[i]) for i, outcome in passed])
                 for (i, outcome), sighting in zip(passed, sightings, strict=True):
                     outcomes[i] = _dedupe(outcome, sighting, events[i].value, screen_config)
-                for outcome in outcomes:
-                    await publish(outcome)
+                for event, outcome in zip(events, outcomes, strict=True):
+                    await publish(outcome, event.value)
         finally:
             await redis.aclose()
 
@@ -204,14 +215,19 @@ def _lineage(event: EventT) -> Lineage:
     return Lineage(topic=message.topic, partition=message.partition, offset=message.offset)
 
 
+def _lineage_of(normalized: NormalizedLog) -> Lineage:
+    assert normalized.lineage is not None, "the normalize agent gives every log its lineage"
+    return normalized.lineage
+
+
 def _dedupe(
     normalized: NormalizedLog, sighting: Sighting, raw: bytes, config: ScreenConfig
 ) -> NormalizedLog | RejectedLog:
     """A duplicate becomes a rejection naming the first copy; a repeat of the request counts as an attempt."""
-    assert normalized.lineage is not None
-    if sighting.is_duplicate_of(normalized.lineage):
+    lineage = _lineage_of(normalized)
+    if sighting.is_duplicate_of(lineage):
         detail = f"same images, prompt and answer as {sighting.first_lineage}"
-        return rejection(raw, normalized.lineage, code="duplicate", rule="dedupe", detail=detail, config=config)
+        return rejection(raw, lineage, code="duplicate", rule="dedupe", detail=detail, config=config)
     if sighting.earlier_tries > normalized.attempt:
         return normalized.model_copy(update={"attempt": sighting.earlier_tries})
     return normalized

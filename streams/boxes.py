@@ -29,8 +29,12 @@ RELATIVE_FORMS: frozenset[BoxForm] = frozenset({"norm1", "norm1000"})
 GRID = 1000
 """Qwen2-VL's coordinate grid: 0–1000 on each axis, whatever the image size."""
 
-_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
-QWEN_BOX_TEXT = re.compile(rf"<\|box_start\|>\s*\({_NUMBER},{_NUMBER}\)\s*,\s*\({_NUMBER},{_NUMBER}\)\s*<\|box_end\|>")
+_NUMBER = r"\s{0,8}(-?\d{1,9}(?:\.\d{1,9})?)\s{0,8}"
+_GAP = r"\s{0,8}"
+QWEN_BOX_TEXT = re.compile(
+    rf"<\|box_start\|>{_GAP}\({_NUMBER},{_NUMBER}\){_GAP},{_GAP}\({_NUMBER},{_NUMBER}\){_GAP}<\|box_end\|>"
+)
+"""Whitespace and digits are bounded, so searching long text for box tokens stays linear in its length."""
 
 
 class BoxError(ValueError):

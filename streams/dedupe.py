@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from schemas.logs import Lineage, NormalizedLog
 
@@ -113,11 +112,13 @@ class SeenStore:
 
 
 async def retrying(operation: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run `operation` until it succeeds, waiting longer after each connection failure (logged as a warning)."""
+    """Run `operation` until Redis answers it, waiting longer after each failure (logged as a warning). Any Redis
+    error pauses the stream rather than failing the batch: a failover's READONLY or LOADING passes, and a defect
+    shows as a repeating warning instead of lost records."""
     for attempt in itertools.count(1):
         try:
             return await operation()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisError, OSError) as exc:
             wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S)) - 1]
             log.warning("%s failed (try %d, next in %.1f s): %s", what, attempt, wait, exc)
             await asyncio.sleep(wait)

@@ -3,6 +3,7 @@ grounding tokens), then each detected object in one vocabulary (`label`, `bbox_x
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,12 +22,17 @@ BOX_KEYS: dict[str, BoxForm] = {
 }
 """Where an object may carry its box, in the order they are looked for; `bbox_xyxy` is the normalized form."""
 LABEL_KEYS = ("label", "name", "category")
+MAX_JSON_STARTS = 20
+"""Lines starting with `{` or `[` tried as the answer after prose; each try may read to the end of the text."""
 MAX_DEPTH = 32
 """Deeper answers are refused: no task schema nests this far, and walking them recursively costs stack."""
 
-_FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+_FENCE = re.compile(r"```[A-Za-z0-9_-]{0,20}[ \t]{0,8}\n(.*?)```", re.DOTALL)
 _JSON_LINE_START = re.compile(r"^[ \t]*[\[{]", re.MULTILINE)
-_GROUNDING = re.compile(r"(?:<\|object_ref_start\|>(.*?)<\|object_ref_end\|>)?\s*(" + QWEN_BOX_TEXT.pattern + ")")
+_GROUNDING = re.compile(
+    r"(?:<\|object_ref_start\|>([^<]{0,200})<\|object_ref_end\|>)?\s{0,8}(" + QWEN_BOX_TEXT.pattern + ")"
+)
+"""Bounded repeats (a label ends at the next token, at most 8 blanks between tokens): long text stays linear."""
 
 
 class OutputError(ValueError):
@@ -70,7 +76,7 @@ def parse_json_text(text: str) -> JsonValue:
     if grounded is not None:
         return grounded
     decoder = json.JSONDecoder(parse_constant=_no_constants)
-    for start in _JSON_LINE_START.finditer(text):
+    for start in itertools.islice(_JSON_LINE_START.finditer(text), MAX_JSON_STARTS):
         try:
             value, _ = decoder.raw_decode(text, start.end() - 1)
             return _container(value)

@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 
 from schemas.logs import NormalizedLog
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]++@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+"""The lookbehind lets a match start only where a run of address characters starts, so a long run without `@`
+is scanned once, not once per character (which made a 600 kB answer take minutes)."""
 PHONE = re.compile(
     r"(?<![\w@+])(\+\d{1,3}[\s.\-]?)?(?:\(\d{1,4}\)[\s.\-]?)?\d{1,4}(?:[\s.\-]\d{2,6}){1,5}(?![\w:]|[.\-]\d)"
 )

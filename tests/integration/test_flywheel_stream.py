@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -17,7 +18,7 @@ from schemas.logs import REJECT_CODES, Lineage, NormalizedLog, RejectedLog
 from schemas.settings import Settings
 from streams.mining import hard_case
 from streams.queue import CorrectionQueue
-from tests.flywheel_data import mixed_raw_logs
+from tests.flywheel_data import PlannedLog, mixed_raw_logs
 from tests.flywheel_worker import Records, produce, read_topics, streams_worker
 
 LOG_COUNT = 5_000
@@ -45,13 +46,20 @@ async def queued_cases(settings: Settings, expected: int, timeout_s: float) -> l
         await redis.aclose()
 
 
+def oversized_log() -> PlannedLog:
+    """A legal raw log whose normalized record (answer text and parsed answer) would not fit a Kafka message."""
+    answer = json.dumps({"caption": "x" * 600_000})
+    raw = {"req_id": "huge", "ts": 1772366400, "img": "vlm-images/huge.png", "q": "describe", "ans": answer}
+    return PlannedLog(b"huge", json.dumps(raw).encode(), "rejected:too_large")
+
+
 def test_flywheel_stream(settings: Settings, tmp_path: Path) -> None:
     unique = uuid.uuid4().hex[:8]
     settings = settings.model_copy(
         update={"streams": settings.streams.model_copy(update={"app_id": f"flywheel-{unique}",
                                                                "review_queue": f"test-{unique}"})}  # fmt: skip
     )
-    planned = produce(settings, mixed_raw_logs(LOG_COUNT, seed=11))
+    planned = produce(settings, [*mixed_raw_logs(LOG_COUNT - 1, seed=11), oversized_log()])
     worker_log = tmp_path / "streams.log"
     with streams_worker(settings, worker_log) as worker:
 

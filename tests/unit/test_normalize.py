@@ -14,6 +14,7 @@ from schemas.errors import InvalidLog
 from schemas.jobs import ImageJob, JobError, JobResult, Timings
 from schemas.logs import JobEvent, Lineage, NormalizedLog
 from streams.normalize import normalize, raw_log_id
+from streams.pii import redact_log
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EPOCH = int(T.timestamp())
@@ -454,3 +455,14 @@ def test_any_answer_text_is_kept_or_explained(text: str, sized: bool) -> None:
 @given(_shaped(json.loads(json.dumps(job_event(JobResult(job_id="job-1", status="ok", output={}, finished_at=T))))))
 def test_job_shaped_json_raises_only_invalid_log(raw: dict[str, Any]) -> None:
     _must_be_invalid_log_or_normalized(raw)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "unit", [" ", "\n", "x", "1 ", "a@", "a.", "+1 ", "<|object_ref_start|>", "<|box_start|>(1 ", "```\n", "[1,", "{\n"]
+)
+def test_long_repetitive_texts_do_not_hang(unit: str) -> None:
+    """Every pattern over answer and prompt text is linear: a 600 kB answer of one repeated unit once took minutes."""
+    text = unit * (300_000 // len(unit))
+    log = redact_log(normalize(legacy(ans=text, q=text)))
+    assert log.output_text is not None and log.prompt
