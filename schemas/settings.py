@@ -25,6 +25,7 @@ SECRETS_DIR_ENV = "VLMFLOW_SECRETS_DIR"
 ModelFamily = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+EngineKind = Literal["vllm", "instant"]
 
 
 def _default_redis_url() -> str:
@@ -109,7 +110,7 @@ class ModelSettings(_Section):
 
 
 class EngineSettings(_Section):
-    kind: Literal["vllm", "instant"] = "vllm"
+    kind: EngineKind = "vllm"
     device: Literal["cpu", "cuda"] = "cpu"
     load_format: Literal["auto", "dummy"] = "dummy"
     """`dummy` gives random weights (the tiny local model); production loads the mounted checkpoint (`auto`)."""

@@ -18,6 +18,8 @@ pixels of the resized image). A worker constraining a model asks for that model'
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from functools import cache
 from typing import Annotated, Any, Literal, get_args
@@ -44,6 +46,11 @@ RefusalCode = Literal[
 ]
 REFUSAL_CODES: tuple[str, ...] = get_args(RefusalCode)
 JsonSchema = dict[str, Any]
+
+MAX_OUTPUT_SCHEMA_BYTES = 16_384
+"""An `extract` job's schema, as compact JSON, may not be larger: it is compiled into a grammar per request."""
+MAX_OUTPUT_SCHEMA_DEPTH = 16
+"""Nesting of objects and arrays in an `extract` job's schema (a `properties` level counts as two)."""
 
 
 class InvalidAnswer(VlmflowError, ValueError):
@@ -121,23 +128,65 @@ def _extract_with_refusal(output_schema: JsonSchema) -> JsonSchema:
     }
 
 
-def task_schema(task: str, output_schema: JsonSchema | None = None, *, box_field: BoxField = "bbox_xyxy") -> JsonSchema:
-    """JSON Schema of the answer to `task` (a refusal always allowed); `output_schema` is the job's, for `extract`."""
-    if task not in TASKS:
-        raise InvalidTaskSchema(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    if task == "extract":
-        if output_schema is None:
-            raise InvalidTaskSchema("task 'extract' needs the job's output_schema")
-        try:
-            Draft202012Validator.check_schema(output_schema)
-        except SchemaError as exc:
-            raise InvalidTaskSchema(f"output_schema is not a JSON Schema: {exc.message}") from None
-        return _extract_with_refusal(output_schema)
-    if output_schema is not None:
-        raise InvalidTaskSchema(f"task {task!r} has a fixed schema; output_schema is only for 'extract'")
-    model = _answer_model(task, box_field)  # type: ignore[arg-type]
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _check_output_schema(output_schema: JsonSchema) -> None:
+    size = len(json.dumps(output_schema, separators=(",", ":")))
+    if size > MAX_OUTPUT_SCHEMA_BYTES:
+        raise InvalidTaskSchema(f"output_schema is {size} bytes as JSON, limit {MAX_OUTPUT_SCHEMA_BYTES}")
+    depth = _depth(output_schema)
+    if depth > MAX_OUTPUT_SCHEMA_DEPTH:
+        raise InvalidTaskSchema(f"output_schema nests {depth} levels deep, limit {MAX_OUTPUT_SCHEMA_DEPTH}")
+    try:
+        Draft202012Validator.check_schema(output_schema)
+    except SchemaError as exc:
+        raise InvalidTaskSchema(f"output_schema is not a JSON Schema: {exc.message}") from None
+
+
+@cache
+def _fixed_task_schema(task: Task, box_field: BoxField) -> JsonSchema:
+    """Built once per task and box key: pydantic takes milliseconds to build a schema, and workers ask per job."""
+    model = _answer_model(task, box_field)
     assert model is not None
     return _with_refusal(model)
+
+
+@cache
+def _fixed_task_validator(task: Task, box_field: BoxField) -> Draft202012Validator:
+    return Draft202012Validator(_fixed_task_schema(task, box_field))
+
+
+def _checked_task(task: str, output_schema: JsonSchema | None) -> None:
+    if task not in TASKS:
+        raise InvalidTaskSchema(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    if task == "extract" and output_schema is None:
+        raise InvalidTaskSchema("task 'extract' needs the job's output_schema")
+    if task != "extract" and output_schema is not None:
+        raise InvalidTaskSchema(f"task {task!r} has a fixed schema; output_schema is only for 'extract'")
+
+
+def task_schema(task: str, output_schema: JsonSchema | None = None, *, box_field: BoxField = "bbox_xyxy") -> JsonSchema:
+    """JSON Schema of the answer to `task` (a refusal always allowed); `output_schema` is the job's, for `extract`,
+    limited in size and depth. The caller owns the returned dict."""
+    _checked_task(task, output_schema)
+    if output_schema is not None:
+        _check_output_schema(output_schema)
+        return _extract_with_refusal(output_schema)
+    return copy.deepcopy(_fixed_task_schema(task, box_field))  # type: ignore[arg-type]
+
+
+def _validator(task: str, output_schema: JsonSchema | None, box_field: BoxField) -> Draft202012Validator:
+    _checked_task(task, output_schema)
+    if output_schema is not None:
+        _check_output_schema(output_schema)
+        return Draft202012Validator(_extract_with_refusal(output_schema))
+    return _fixed_task_validator(task, box_field)  # type: ignore[arg-type]
 
 
 def is_refusal(answer: Any) -> bool:
@@ -162,7 +211,7 @@ def validate_answer(
     task: str, answer: Any, output_schema: JsonSchema | None = None, *, box_field: BoxField = "bbox_xyxy"
 ) -> None:
     """Raise `InvalidAnswer` naming the first problem when `answer` is not a valid answer to `task`."""
-    validator = Draft202012Validator(task_schema(task, output_schema, box_field=box_field))
+    validator = _validator(task, output_schema, box_field)
     errors = sorted(validator.iter_errors(answer), key=lambda error: (len(error.absolute_path), error.message))
     if errors:
         first = errors[0]

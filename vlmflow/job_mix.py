@@ -25,6 +25,7 @@ from schemas.base import utc_now
 from schemas.errors import ErrorCode
 from schemas.jobs import MAX_IMAGES_PER_JOB, TASKS, ImageJob, Task
 from schemas.settings import Settings
+from schemas.tasks import MAX_OUTPUT_SCHEMA_DEPTH
 from vlmflow.objectstore import put_image
 from workers.tokens import image_tokens
 
@@ -149,6 +150,7 @@ class JobMix:
             **kinds,
             "deadline_passed": self._deadline_passed,
             "bad_output_schema": self._bad_output_schema,
+            "deep_output_schema": self._deep_output_schema,
             "not_a_job": self._not_a_job,
         }
 
@@ -206,6 +208,14 @@ class JobMix:
     def _bad_output_schema(self) -> PlannedJob:
         job = _job("extract", [self.rng.choice(self._good_uris())], output_schema={"type": "no-such-type"})
         return _planned(job, "invalid_output_schema", "bad_output_schema")
+
+    def _deep_output_schema(self) -> PlannedJob:
+        """A valid JSON Schema nested past `MAX_OUTPUT_SCHEMA_DEPTH`: refused before it reaches the grammar compiler."""
+        schema: dict[str, Any] = {"type": "string"}
+        for _ in range(MAX_OUTPUT_SCHEMA_DEPTH):
+            schema = {"type": "object", "properties": {"field": schema}}
+        job = _job("extract", [self.rng.choice(self._good_uris())], output_schema=schema)
+        return _planned(job, "invalid_output_schema", "deep_output_schema")
 
     def _not_a_job(self) -> PlannedJob:
         job_id = uuid.uuid4().hex

@@ -203,7 +203,6 @@ class Worker:
             max_partition_fetch_bytes=settings.worker.max_message_bytes + 65_536,
         )
         self._partitioner = DefaultPartitioner()
-        self._fixed_schemas: dict[str, dict[str, Any]] = {}  # task -> its schema, for tasks without output_schema
         self._partitions: dict[str, list[int]] = {}  # topic -> its partitions, for topics this worker produces to
         self._missing_topics: dict[str, float] = {}  # reply_to topic -> monotonic time until which it counts as missing
         self._result_ends: dict[int, int] = {}  # result partition -> an offset at or below its end
@@ -493,16 +492,10 @@ class Worker:
             raise JobFailure("invalid_message", str(exc)) from None
 
     def _schema(self, job: ImageJob) -> dict[str, Any]:
-        """The task's JSON Schema; fixed tasks' schemas are built once (pydantic takes milliseconds per build)."""
-        if job.output_schema is None and job.task in self._fixed_schemas:
-            return self._fixed_schemas[job.task]
         try:
-            schema = task_schema(job.task, job.output_schema, box_field=self.box_field)
+            return task_schema(job.task, job.output_schema, box_field=self.box_field)
         except InvalidTaskSchema as exc:
             raise JobFailure("invalid_output_schema", str(exc)) from None
-        if job.output_schema is None:
-            self._fixed_schemas[job.task] = schema
-        return schema
 
     async def _lease(self, job: ImageJob, cost: int) -> Lease:
         wait_s = self.settings.budget.wait_timeout_s

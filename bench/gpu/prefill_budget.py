@@ -9,7 +9,7 @@ template from `workers.tiny_model`, with a config of Qwen2-VL-7B-Instruct's dime
 random weights (`load_format="dummy"`). Random weights run the same kernels on the same shapes, so time and memory
 are those of the real checkpoint; only the answers are noise (one token is generated per request).
 
-The engine is built exactly as the worker builds it (`vlmflow.commands.worker.build_engine`, so `mm_processor_kwargs`,
+The engine is built exactly as the worker builds it (`workers.engines.factory.build_engine`, so `mm_processor_kwargs`,
 `limit_mm_per_prompt` and encoder CUDA graphs match) and driven in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`)
 so that `torch.cuda.max_memory_allocated` sees the engine's allocations. Each batch holds distinct random images,
 so neither the prefix cache nor the encoder cache serves a request from an earlier one.
@@ -123,7 +123,7 @@ class Probe:
         from vllm import SamplingParams
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from vlmflow.commands.worker import build_engine
+        from workers.engines.factory import build_engine
 
         self.torch = torch
         self.cuda = torch.cuda.is_available()

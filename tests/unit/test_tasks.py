@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from jsonschema import Draft202012Validator
 
-from schemas.tasks import BOX_FIELDS, InvalidAnswer, InvalidTaskSchema, task_schema, validate_answer
+from schemas.tasks import (
+    BOX_FIELDS,
+    MAX_OUTPUT_SCHEMA_BYTES,
+    MAX_OUTPUT_SCHEMA_DEPTH,
+    InvalidAnswer,
+    InvalidTaskSchema,
+    task_schema,
+    validate_answer,
+)
 from workers.engines.instant import minimal_instance
 
 INVOICE = {
@@ -65,6 +73,14 @@ def test_box_field_follows_the_model_convention() -> None:
         validate_answer("ground", {"box_1000": [0, 0, 1001, 5]}, box_field="box_1000")
 
 
+def _nested(levels: int) -> dict:
+    """An object schema with `levels` levels of `properties` (each counts two levels of JSON nesting)."""
+    schema: dict = {"type": "object"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 @pytest.mark.parametrize(
     ("task", "schema", "message"),
     [
@@ -72,11 +88,26 @@ def test_box_field_follows_the_model_convention() -> None:
         ("detect", INVOICE, "fixed schema"),
         ("translate", None, "unknown task"),
         ("extract", {"type": "no-such-type"}, "not a JSON Schema"),
+        ("extract", {"type": "object", "description": "x" * MAX_OUTPUT_SCHEMA_BYTES}, "bytes as JSON, limit"),
+        ("extract", _nested(MAX_OUTPUT_SCHEMA_DEPTH), "levels deep, limit"),
     ],
 )
 def test_schema_misuse_is_refused(task: str, schema: dict | None, message: str) -> None:
     with pytest.raises(InvalidTaskSchema, match=message):
         task_schema(task, schema)
+    with pytest.raises(InvalidTaskSchema, match=message):
+        validate_answer(task, {}, schema)
+
+
+def test_schema_just_inside_the_depth_limit_is_accepted() -> None:
+    schema = _nested(MAX_OUTPUT_SCHEMA_DEPTH // 2 - 1)
+    validate_answer("extract", {"a": {"a": {}}}, schema)
+
+
+def test_fixed_schemas_are_built_once_and_callers_get_their_own_copy() -> None:
+    first = task_schema("caption")
+    first["mutated"] = True
+    assert "mutated" not in task_schema("caption")
 
 
 @pytest.mark.parametrize("task", ["detect", "ground", "caption", "extract"])

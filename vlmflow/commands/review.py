@@ -21,6 +21,7 @@ from schemas.errors import VlmflowError
 from schemas.settings import Settings
 from schemas.tasks import MODEL_BOX_FIELD, task_schema
 from streams.queue import Claim, CorrectionQueue
+from workers.engines.factory import build_engine
 
 CORRECTIONS = "vlm.corrections.done"
 
@@ -244,27 +245,6 @@ async def suggest_answer(engine: Any, case: HardCase, settings: Settings, store:
     return answer
 
 
-def _engine(settings: Settings) -> Any:
-    if settings.engine.kind == "instant":
-        from workers.engines.instant import InstantEngine
-
-        return InstantEngine()
-    from workers.engines.vllm_engine import VllmEngine
-    from workers.tokens import vision_spec
-
-    spec = vision_spec(settings.model.family)
-    return VllmEngine(
-        str(settings.model.path),
-        min_pixels=settings.model.min_pixels or spec.min_pixels,
-        max_pixels=settings.model.max_pixels or spec.max_pixels,
-        max_images_per_prompt=settings.engine.limit_images_per_prompt,
-        max_model_len=settings.engine.max_model_len,
-        gpu_memory_utilization=settings.engine.gpu_memory_utilization,
-        load_format=settings.engine.load_format,
-        dtype=settings.engine.dtype,  # type: ignore[arg-type]
-    )
-
-
 async def _suggest(args: argparse.Namespace, settings: Settings, queue: CorrectionQueue) -> int:
     from tqdm import tqdm
 
@@ -274,7 +254,7 @@ async def _suggest(args: argparse.Namespace, settings: Settings, queue: Correcti
     if not todo:
         print("no pending case without a suggestion")
         return 0
-    engine = _engine(settings)
+    engine = build_engine(settings)
     store = object_store(settings)
     await engine.start()
     made, failed = 0, []

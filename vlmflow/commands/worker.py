@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
-from typing import Literal
 
-from schemas.settings import Settings
+from schemas.errors import VlmflowError
+from schemas.settings import EngineKind, Settings
 from workers.engines.base import Engine
-
-EngineKind = Literal["vllm", "instant"]
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-"""Set before vLLM is imported: nothing is ever downloaded, and nothing reports usage."""
-CPU_KV_CACHE_BYTES = 256 * 2**20
-"""KV cache of the CPU engine when the settings name none: ample for the tiny model's 4,096-token context."""
+from workers.engines.factory import build_engine
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
@@ -26,38 +20,6 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-port", type=int, help="Prometheus port; 0 picks a free one, -1 serves none")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
-
-
-def build_engine(settings: Settings, kind: EngineKind) -> Engine:
-    """The engine the settings ask for; vLLM's at the same `min_pixels`/`max_pixels` as the token estimator."""
-    if kind == "instant":
-        from workers.engines.instant import InstantEngine
-
-        return InstantEngine()
-    for name, value in OFFLINE_ENV.items():
-        os.environ.setdefault(name, value)
-    from workers.engines.vllm_engine import VllmEngine
-    from workers.tokens import vision_spec
-
-    model, engine = settings.model, settings.engine
-    spec = vision_spec(model.family)
-    vllm_engine = VllmEngine(
-        str(model.path),
-        min_pixels=spec.min_pixels if model.min_pixels is None else model.min_pixels,
-        max_pixels=spec.max_pixels if model.max_pixels is None else model.max_pixels,
-        max_images_per_prompt=engine.limit_images_per_prompt,
-        max_model_len=engine.max_model_len,
-        gpu_memory_utilization=engine.gpu_memory_utilization,
-        kv_cache_memory_bytes=(
-            CPU_KV_CACHE_BYTES
-            if engine.kv_cache_memory_bytes is None and engine.device == "cpu"
-            else engine.kv_cache_memory_bytes
-        ),
-        load_format=engine.load_format,
-        dtype=engine.dtype,
-    )
-    vllm_engine.engine_args.max_num_seqs = engine.max_num_seqs
-    return vllm_engine
 
 
 async def _serve(settings: Settings, engine: Engine) -> None:
@@ -81,8 +43,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.model_copy(update=updates)
     kind: EngineKind = args.engine or settings.engine.kind
     if kind == "vllm" and not (settings.model.path / "config.json").exists():
-        from schemas.errors import VlmflowError
-
         raise VlmflowError(f"no model at {settings.model.path}; write the tiny one with `vlmflow model tiny DIR`")
     asyncio.run(_serve(settings, build_engine(settings, kind)))
     return 0

@@ -40,17 +40,20 @@ class VllmEngine:
         max_pixels: int,
         max_images_per_prompt: int = 1,
         max_model_len: int = 8192,
+        max_num_seqs: int | None = None,
         gpu_memory_utilization: float = 0.9,
         kv_cache_memory_bytes: int | None = None,
         load_format: str = "auto",
         dtype: ModelDType = "auto",
         seed: int = 0,
+        cudagraph_mm_encoder: bool = True,
     ) -> None:
         self.engine_args = AsyncEngineArgs(
             model=model,
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             load_format=load_format,
@@ -60,7 +63,7 @@ class VllmEngine:
             # NOTE: compact JSON, no whitespace between tokens: fewer tokens, and no model can loop on blanks
             # (a real risk with random weights). vLLM takes this flag per engine, and only with a named backend.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
-            **_encoder_cuda_graph_args(),
+            **(_encoder_cuda_graph_args() if cudagraph_mm_encoder else {}),
         )
         self._llm: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
