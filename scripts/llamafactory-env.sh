@@ -28,39 +28,11 @@ SKIPPED_REQUIREMENTS="torch torchvision torchaudio gradio fastapi uvicorn sse-st
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$(realpath -m "${1:-$REPO/.venv-llamafactory}")
-STAMP=$VENV/.llamafactory-env-stamp
-PY=$VENV/bin/python
-
-CURRENT_STEP=setup
-trap 'echo "llamafactory-env: FAILED in step \"$CURRENT_STEP\" (exit $?); see the output above" >&2' ERR
-
-log() { printf '[llamafactory-env] %s\n' "$*"; }
+ENV_NAME=llamafactory-env
 
 pip_install() { nice -n 10 "$PY" -m pip install --timeout 120 --retries 5 --progress-bar off --quiet "$@"; }
-
-step_done() { [[ -f $STAMP ]] && grep -qxF "$1" "$STAMP"; }
-
-# run_step KEY FUNCTION: run FUNCTION unless KEY is in the stamp file, then record KEY.
-run_step() {
-    CURRENT_STEP=$1
-    if step_done "$1"; then log "$1: already done"; return; fi
-    log "$1: start"
-    local started=$SECONDS
-    "$2"
-    echo "$1" >>"$STAMP"
-    log "$1: done in $((SECONDS - started)) s"
-}
-
-make_venv() {
-    local python=${PYTHON:-python3}
-    "$python" -c 'import sys; sys.version_info >= (3, 11) or sys.exit(f"Python 3.11+ is required, not {sys.version}")'
-    if [[ -e $VENV && ! -f $VENV/pyvenv.cfg && -n $(ls -A "$VENV") ]]; then
-        echo "llamafactory-env: $VENV exists and is not a virtual environment; refusing to overwrite it" >&2
-        exit 1
-    fi
-    "$python" -m venv --clear "$VENV"
-    pip_install --upgrade pip packaging
-}
+# shellcheck source=scripts/env-steps.sh
+source "$REPO/scripts/env-steps.sh"
 
 install_torch() {
     pip_install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
@@ -75,21 +47,7 @@ install_torchaudio() {
 
 install_llamafactory() {
     pip_install --no-deps "llamafactory==$LLAMAFACTORY_VERSION"
-    "$PY" - "$SKIPPED_REQUIREMENTS" >"$VENV/llamafactory-requirements.txt" <<'EOF'
-import sys
-from importlib.metadata import requires
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
-skipped = set(sys.argv[1].split())
-for line in requires("llamafactory") or []:
-    req = Requirement(line)
-    if canonicalize_name(req.name) in skipped or (req.marker and not req.marker.evaluate({"extra": ""})):
-        continue
-    req.marker = None
-    print(req)
-EOF
+    requirements_of llamafactory "$SKIPPED_REQUIREMENTS" >"$VENV/llamafactory-requirements.txt"
     # Pillow reads the images; LLaMA-Factory leaves it to its optional extras.
     pip_install -r "$VENV/llamafactory-requirements.txt" pillow -c "$VENV/constraints.txt"
     "$PY" -c 'import llamafactory, transformers, datasets
@@ -100,7 +58,7 @@ print("[llamafactory-env]   llamafactory", llamafactory.__version__, "transforme
 
 log "repo $REPO, env $VENV"
 started=$SECONDS
-run_step venv make_venv
+run_step venv make_venv 11
 run_step "torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION" install_torch
 run_step "torchaudio==$TORCHAUDIO_VERSION" install_torchaudio
 run_step "llamafactory==$LLAMAFACTORY_VERSION without $SKIPPED_REQUIREMENTS" install_llamafactory
