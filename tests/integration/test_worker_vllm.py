@@ -1,5 +1,5 @@
-"""The worker end to end with vLLM on CPU and the tiny random Qwen2-VL: the same checks as with the instant
-engine, on fewer jobs, plus exact vision tokens. The worker runs under the engine environment's Python
+"""The worker end to end with vLLM on CPU and the tiny random Qwen2-VL: the instant engine's checks on the same
+200 jobs with 24 bad inputs, plus exact vision tokens. The worker runs under the engine environment's Python
 (scripts/engine-env.sh). The model's weights are random, so a good job may be answered `output_invalid` (see
 `mismatches`); every other expectation is the instant engine's."""
 
@@ -43,7 +43,7 @@ async def test_jobs_through_vllm_get_one_result_each_as_planned(
 ) -> None:
     settings = worker_settings(settings)
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"path": tiny_model})})
-    plan = JobMix(settings, seed=4, max_output_tokens=MAX_OUTPUT_TOKENS).plan(26, bad=13)
+    plan = JobMix(settings, seed=4, max_output_tokens=MAX_OUTPUT_TOKENS).plan(200, bad=24)
     worker = WorkerProcess(settings, tmp_path / "worker.log", engine="vllm", python=engine_env).start()
     try:
         worker.wait_ready(ENGINE_READY_TIMEOUT_S)
