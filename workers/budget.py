@@ -5,7 +5,10 @@ script (workers/budget_scripts.py) on Redis server time, so the books stay right
 processes and clocks: at every instant the sum of live leases is at most the capacity (a capacity lowered below
 the tokens in use takes effect as leases end). A lease lapses unless renewed within its TTL (renew every third
 of it), so a crashed worker's tokens come back by themselves. Waiting reservations are served first come, first
-served from a queue in Redis; a waiter that vanishes drops out of the queue after `WAITER_TTL_S`.
+served from a queue in Redis: the script that frees tokens grants the queue's head and the waiters after it that
+fit, in one go, and tells them on the pool's channel (workers/budget_notices.py), so grants follow releases, not
+poll intervals. Waiters still ask now and then, to keep their place and in case a notice is lost. A waiter that
+vanishes drops out of the queue after `WAITER_TTL_S`, and a grant it never confirmed lapses after as long.
 
 Redis may lose the pool's state while holders still use their leases. When the state is new on a server that
 started less than one lease TTL ago (a restart without persistence), or a caller saw an older incarnation of it
@@ -26,19 +29,24 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, NamedTuple
 
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, ReadOnlyError
+from redis.commands.core import AsyncScript
+from redis.exceptions import BusyLoadingError, NoScriptError, ReadOnlyError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.errors import ErrorCode, VlmflowError
 from workers import budget_scripts
+from workers.budget_notices import GrantNotices
 
 HEAD_POLL_S = 0.01
-"""How often the waiter at the head of the queue asks again; it is the next to be served."""
+"""How often the waiter at the head of the queue asks again without a notice: it notices the tokens of expired
+leases and the end of a recovery, which nobody announces."""
 QUEUE_POLL_S = 0.05
-"""How often the other waiters ask again, to keep their place (and how often anyone retries an absent Redis)."""
+"""How often the other waiters ask again without a notice, to keep their place (and how often anyone retries an
+absent Redis)."""
 WAITER_TTL_S = 2.0
-"""A waiter that has not asked for this long (40 polls) is gone: its ticket leaves the queue."""
+"""A waiter that has not asked for this long (40 polls) is gone: its ticket leaves the queue, and a grant made for
+it that it did not confirm lapses."""
 POOL_NAME = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
 """No braces: the pool name becomes the keys' hash tag."""
 
@@ -92,7 +100,7 @@ class Lease:
     """Tokens held from the budget. Renew it before `expires_at_ms`; release it when done."""
 
     lease_id: str
-    """Unique per grant; the member of the pool's lease set in Redis."""
+    """Unique per grant; with the cost and the holder it names the lease in Redis."""
     pool: str
     """The budget pool the tokens came from."""
     holder: str
@@ -129,18 +137,22 @@ class _Answer(NamedTuple):
 
     status: str
     epoch: str
-    now_ms: int
     numbers: list[int]
     """What they mean depends on the script and the status (see workers/budget_scripts.py)."""
 
 
 def _answer(reply: bytes | str) -> _Answer:
-    status, epoch, now_ms, *numbers = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
-    return _Answer(status, epoch, int(now_ms), [int(number) for number in numbers])
+    status, epoch, *numbers = (reply.decode() if isinstance(reply, bytes) else reply).split(" ")
+    return _Answer(status, epoch, [int(number) for number in numbers])
 
 
 def _new_id() -> str:
     return os.urandom(16).hex()
+
+
+def _member(lease_id: str, cost: int, holder: str) -> str:
+    """How the scripts name a lease and its reservation (workers/budget_scripts.py)."""
+    return f"{lease_id}|{cost}|{holder}"
 
 
 def _poll_interval(place: int) -> float:
@@ -165,17 +177,33 @@ class TokenBudget:
         self.pool = pool
         self.capacity = capacity
         self.lease_ttl_s = lease_ttl_s
-        self._keys = [f"vlmflow:{{{pool}}}:{name}" for name in budget_scripts.KEY_NAMES]
-        self._ttl_ms = max(1, round(lease_ttl_s * 1000))
+        self._keys = budget_scripts.keys(pool)
         self._epoch = ""
-        self._scripts = {
-            name: redis.register_script(budget_scripts.PRELUDE + getattr(budget_scripts, name))
-            for name in ("RESERVE", "RENEW", "RELEASE", "STATE", "SET_CAPACITY")
+        constants = {
+            "capacity": capacity,
+            "ttl_ms": max(1, round(lease_ttl_s * 1000)),
+            "waiter_ttl_ms": round(WAITER_TTL_S * 1000),
         }
+        self._reserve, self._renew, self._release, self._state, self._set_capacity = (
+            redis.register_script(budget_scripts.source(body, **constants))
+            for body in (
+                budget_scripts.RESERVE,
+                budget_scripts.RENEW,
+                budget_scripts.RELEASE,
+                budget_scripts.STATE,
+                budget_scripts.SET_CAPACITY,
+            )
+        )
+        self._notices = GrantNotices(redis, budget_scripts.key_prefix(pool) + budget_scripts.GRANTED_CHANNEL)
 
-    async def _run(self, script: str, *args: object) -> _Answer:
+    async def _run(self, script: AsyncScript, *args: str) -> _Answer:
+        # NOTE: EVALSHA straight through the client, as the Script object's own call costs more than packing
+        # this call's arguments; the Script loads it when Redis does not know it (new server, restart, flush).
         try:
-            reply = await self._scripts[script](keys=self._keys, args=(self.capacity, self._ttl_ms, self._epoch, *args))
+            try:
+                reply = await self.redis.evalsha(script.sha, len(self._keys), *self._keys, self._epoch, *args)
+            except NoScriptError:
+                reply = await script(keys=self._keys, args=(self._epoch, *args))
         except UNAVAILABLE as exc:
             raise BudgetUnavailable(self.pool, exc) from exc
         answer = _answer(reply)
@@ -195,7 +223,7 @@ class TokenBudget:
         is recovering from a loss of Redis' data."""
         self._check_cost(cost)
         lease_id = _new_id()
-        answer = await self._run("RESERVE", cost, holder, lease_id, "", 0)
+        answer = await self._run(self._reserve, _member(lease_id, cost, holder), "try")
         if answer.status == "too_large":
             raise CostExceedsCapacity(self.pool, cost, answer.numbers[0])
         return self._lease(lease_id, holder, cost, answer) if answer.status == "granted" else None
@@ -209,16 +237,18 @@ class TokenBudget:
         self._check_cost(cost)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        # NOTE: the ticket (queue) and the lease id (leases) live in different keys; one id serves as both.
-        lease_id = ticket = _new_id()
-        waiter_ttl_ms = round(WAITER_TTL_S * 1000)
+        # NOTE: one member names the reservation in the queue and, once granted, its lease.
+        lease_id = _new_id()
+        member = _member(lease_id, cost, holder)
+        mode = "new"
         granted = False
+        self._notices.expect(lease_id)
         try:
             while True:
                 unavailable: BudgetUnavailable | None = None
                 place = 1
                 try:
-                    answer = await self._run("RESERVE", cost, holder, lease_id, ticket, waiter_ttl_ms)
+                    answer = await self._run(self._reserve, member, mode)
                 except BudgetUnavailable as exc:
                     unavailable = exc
                 else:
@@ -228,38 +258,43 @@ class TokenBudget:
                     if answer.status == "too_large":
                         raise CostExceedsCapacity(self.pool, cost, answer.numbers[0])
                     place = answer.numbers[0]
+                # NOTE: from the first call on, Redis may know the member (even when the answer was lost).
+                mode = "again"
                 remaining = started + timeout_s - loop.time()
                 if remaining <= 0:
                     if unavailable is not None:
                         raise unavailable
                     raise BudgetTimeout(self.pool, cost, loop.time() - started)
-                await asyncio.sleep(min(_poll_interval(place), remaining))
+                await self._notices.wait(lease_id, min(_poll_interval(place), remaining))
         finally:
+            self._notices.forget(lease_id)
             if not granted:
-                await self._withdraw(lease_id, ticket)
+                await self._withdraw(member)
 
-    async def _withdraw(self, lease_id: str, ticket: str) -> None:
-        """Leave the queue, and free a grant whose answer was lost. Best effort: what Redis does not hear of
-        lapses by itself (the ticket after WAITER_TTL_S, a grant after the lease TTL)."""
+    async def _withdraw(self, member: str) -> None:
+        """Leave the queue, and free a grant whose answer was lost or that came too late. Best effort: what Redis
+        does not hear of lapses by itself (a place in the queue or an unconfirmed grant after WAITER_TTL_S, a
+        grant whose answer was lost after the lease TTL)."""
         with contextlib.suppress(BudgetUnavailable):
-            await self._run("RELEASE", lease_id, ticket)
+            await self._run(self._release, member)
 
     async def renew(self, lease: Lease) -> Lease:
         """The lease with a new expiry one TTL from now. Raises `LeaseExpired` when it lapsed already."""
-        answer = await self._run("RENEW", lease.lease_id, lease.cost, lease.holder, lease.epoch)
+        answer = await self._run(self._renew, _member(lease.lease_id, lease.cost, lease.holder), lease.epoch)
         if answer.status == "lost":
             raise LeaseExpired(lease)
         return replace(lease, expires_at_ms=answer.numbers[0], epoch=answer.epoch)
 
     async def release(self, lease: Lease) -> bool:
-        """Give the tokens back. True when this call freed them; releasing twice is harmless."""
-        answer = await self._run("RELEASE", lease.lease_id, "")
+        """Give the tokens back. True when this call freed them (False: released before, or expired and
+        reclaimed); releasing twice is harmless."""
+        answer = await self._run(self._release, _member(lease.lease_id, lease.cost, lease.holder))
         return answer.numbers[0] > 0
 
     async def state(self) -> BudgetState:
-        answer = await self._run("STATE")
-        in_use, capacity, leases, waiting, recovering_until_ms = answer.numbers
-        return BudgetState(capacity, in_use, leases, waiting, recovering_until_ms, answer.now_ms)
+        answer = await self._run(self._state)
+        in_use, capacity, leases, waiting, recovering_until_ms, server_time_ms = answer.numbers
+        return BudgetState(capacity, in_use, leases, waiting, recovering_until_ms, server_time_ms)
 
     async def in_use(self) -> int:
         """Tokens held by live leases now."""
@@ -269,4 +304,4 @@ class TokenBudget:
         """Set the pool's capacity for every worker. Leases already granted stay; new grants fit under `n`."""
         if n < 1:
             raise ValueError(f"budget capacity must be at least 1, got {n}")
-        await self._run("SET_CAPACITY", n)
+        await self._run(self._set_capacity, str(n))

@@ -1,31 +1,56 @@
 """The Lua side of the token budget: every operation is one script, so Redis runs it atomically.
 
-Each script is `PRELUDE` followed by its body. The prelude reads the server clock, notices when the pool's state
-is new (Redis lost it), reclaims expired leases, and defines the helpers the bodies share. All keys of a pool
-carry one hash tag, so the scripts also run on Redis Cluster.
+Each script is `source(body, ...)`: a header with the caller's constants (configured capacity, lease TTL, waiter
+TTL), `PRELUDE`, then its body. The constants sit in the source rather than in ARGV, so a call packs and parses
+only what changes per call. The prelude reads the server clock, notices when the pool's state is new (Redis lost
+it), and defines the helpers the bodies share. All keys of a pool carry one hash tag, so the scripts also run on
+Redis Cluster.
 
-KEYS (in this order, see `KEY_NAMES`): meta, leases, held, queue, alive.
-ARGV[1..3] of every script: the configured capacity, the lease TTL in ms, the epoch the caller last saw ('' none).
-Every script answers one string, "<status> <epoch> <server time in ms> <numbers...>"; the bodies say which numbers.
-NOTE: one string rather than an array: a client without hiredis parses it in a fraction of the time.
+KEYS (in this order, `keys(pool)`): meta, leases, queue, waiters.
+ARGV[1] of every script: the epoch the caller last saw ('' none); the bodies say what follows. A lease and its
+reservation are named by one string, the member "<lease id>|<cost>|<holder>": in the lease set and in the queue.
+Every script answers one string, "<status> <epoch> <numbers...>"; the bodies say which numbers.
+NOTE: one string rather than an array: a client without hiredis parses it in a fraction of the time. It holds only
+the numbers the caller uses: Lua formats each with sprintf.
+
+Expired leases are reclaimed when their tokens matter: before a grant that does not fit without them, before a
+renewal or confirmation is accepted, and in STATE. Until then they still count as used, which errs on the safe side.
+
+Waiters are served by whichever script frees or finds tokens: `serve_queue` grants the head of the queue, then the
+next, while they fit, and publishes the lease ids it granted on the pool's channel (`GRANTED_CHANNEL`), so their
+waiters need not poll. Such a grant runs for the waiter TTL only, until its waiter confirms it (RESERVE again),
+so a waiter that vanished holds its tokens no longer than a waiter that stopped asking holds its place.
+
+NOTE: each redis.call costs about a microsecond inside Redis (Valkey 8 here), more than all the Lua around it, so
+the common paths make few: a reservation that fits while nobody waits makes 4 (TIME, HMGET, HINCRBY, ZADD), and so
+does a release while nobody waits (TIME, HMGET, ZREM, HINCRBY); the costs live in the members, so no hash of costs
+needs reading or writing, and the count of waiters lives in meta, so nobody looks at the queue while it is empty.
 """
 
 from __future__ import annotations
 
-KEY_NAMES = ("meta", "leases", "held", "queue", "alive")
+KEY_NAMES = ("meta", "leases", "queue", "waiters")
 """meta: hash of `used` (sum of the costs of `leases`), `capacity` (live override of the configured one, from
 set_capacity), `epoch` (server time in µs at which this incarnation of the pool's state began), `recovering`
-(ms until which grants wait after a loss) and `seq` (arrival counter of the queue); leases: zset lease id ->
-expiry ms; held: hash lease id -> "<cost>|<holder>"; queue: zset ticket -> arrival number; alive: hash ticket ->
-ms by which its waiter must ask again."""
+(ms until which grants wait after a loss), `seq` (arrival counter of the queue) and `waiting` (members of
+`queue`); leases: zset member -> expiry ms; queue: zset member -> arrival number; waiters: hash member -> ms by
+which its waiter must ask again."""
+
+LAYOUT_VERSION = 2
+"""Part of every key: state written in another layout (version 1 kept costs in a `held` hash and bare lease ids in
+`leases`) is out of reach rather than misread. Workers of two layouts must not serve one pool at once."""
+
+GRANTED_CHANNEL = "granted"
+"""Pub/sub channel `<key prefix>granted`: the lease ids `serve_queue` granted, separated by spaces. A channel is not
+a key, so Redis Cluster lets a script publish to it; Cluster delivers it to subscribers on every node."""
+
+HEADER = "local configured_capacity, ttl_ms, waiter_ttl_ms = {capacity:d}, {ttl_ms:d}, {waiter_ttl_ms:d}\n"
 
 PRELUDE = """
-local K_META, K_LEASES, K_HELD, K_QUEUE, K_ALIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_META, K_LEASES, K_QUEUE, K_WAITERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local ttl_ms = tonumber(ARGV[2])
-local known_epoch = ARGV[3]
-local stored = redis.call('HMGET', K_META, 'epoch', 'recovering', 'used', 'capacity')
+local stored = redis.call('HMGET', K_META, 'epoch', 'recovering', 'used', 'capacity', 'waiting')
 
 -- NOTE: Redis may lose the pool's state (a restart without persistence, a flush) while holders still use
 -- their leases. Grants then wait one lease TTL, long enough for every live holder to renew, and a renewal in
@@ -45,119 +70,193 @@ if not epoch then
   local uptime_s = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
   recover_until(now - uptime_s * 1000 + ttl_ms)
 end
-if known_epoch ~= '' and known_epoch ~= epoch then
+if ARGV[1] ~= '' and ARGV[1] ~= epoch then
   recover_until(math.floor(tonumber(epoch) / 1000) + ttl_ms)
 end
 local recovering = recovering_until > now
 local used = tonumber(stored[3] or '0')
-local capacity = tonumber(stored[4] or ARGV[1])
+local capacity = tonumber(stored[4] or configured_capacity)
+local waiting = tonumber(stored[5] or '0')
+
+local function cost_of(member)
+  return tonumber(string.match(member, '^[^|]*|(%d+)'))
+end
+
+local function grant(member, cost, expiry)
+  used = used + cost
+  redis.call('HINCRBY', K_META, 'used', cost)
+  redis.call('ZADD', K_LEASES, expiry, member)
+  return expiry
+end
 
 -- Returns the tokens freed: 0 when the lease is not held.
-local function drop_lease(id)
-  local held = redis.call('HGET', K_HELD, id)
-  if not held then return 0 end
-  local cost = tonumber(string.match(held, '^%d+'))
+local function drop_lease(member)
+  if redis.call('ZREM', K_LEASES, member) == 0 then return 0 end
+  local cost = cost_of(member)
   used = used - cost
   redis.call('HINCRBY', K_META, 'used', -cost)
-  redis.call('ZREM', K_LEASES, id)
-  redis.call('HDEL', K_HELD, id)
   return cost
 end
 
-local function grant(id, cost, holder)
-  used = used + cost
-  redis.call('HINCRBY', K_META, 'used', cost)
-  redis.call('ZADD', K_LEASES, now + ttl_ms, id)
-  redis.call('HSET', K_HELD, id, cost .. '|' .. holder)
-  return now + ttl_ms
+local reclaimed = false
+local function reclaim()
+  if reclaimed then return end
+  reclaimed = true
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)) do
+    drop_lease(member)
+  end
 end
 
-local function answer(status, ...)
-  return table.concat({status, epoch, now, ...}, ' ')
+local function fits(cost)
+  if used + cost <= capacity then return true end
+  reclaim()
+  return used + cost <= capacity
 end
 
-local function dequeue(ticket)
-  redis.call('ZREM', K_QUEUE, ticket)
-  redis.call('HDEL', K_ALIVE, ticket)
+-- The lease's expiry, or nil when it is not held (an expired one is reclaimed here).
+local function live_expiry(member)
+  local expiry = tonumber(redis.call('ZSCORE', K_LEASES, member))
+  if expiry and expiry <= now then
+    drop_lease(member)
+    return nil
+  end
+  return expiry
 end
 
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)) do
-  drop_lease(id)
+local function answer(status, numbers)
+  return status .. ' ' .. epoch .. ' ' .. numbers
+end
+
+local function enqueue(member)
+  waiting = waiting + 1
+  redis.call('HINCRBY', K_META, 'waiting', 1)
+  redis.call('ZADD', K_QUEUE, redis.call('HINCRBY', K_META, 'seq', 1), member)
+  redis.call('HSET', K_WAITERS, member, now + waiter_ttl_ms)
+end
+
+local function dequeue(member)
+  if redis.call('ZREM', K_QUEUE, member) == 1 then
+    waiting = waiting - 1
+    redis.call('HINCRBY', K_META, 'waiting', -1)
+    redis.call('HDEL', K_WAITERS, member)
+  end
+end
+
+-- First come, first served: grants the head of the queue while it fits, then the next, and so on; a head that
+-- does not fit stops the run, so a large cost is never overtaken by later small ones. A waiter that stopped
+-- asking is dropped as it reaches the head, and so is one that can no longer fit (its next ask says so).
+-- Publishes the lease ids granted, except the caller's (`own`, a member or '').
+local function serve_queue(own)
+  if waiting == 0 or recovering then return end
+  local granted = {}
+  local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+  while head do
+    local cost = cost_of(head)
+    if tonumber(redis.call('HGET', K_WAITERS, head) or '0') > now and cost <= capacity then
+      if not fits(cost) then break end
+      grant(head, cost, now + waiter_ttl_ms)
+      if head ~= own then granted[#granted + 1] = string.match(head, '^[^|]*') end
+    end
+    dequeue(head)
+    head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+  end
+  if #granted > 0 then
+    redis.call('PUBLISH', (string.gsub(K_META, 'meta$', '""" + GRANTED_CHANNEL + """')), table.concat(granted, ' '))
+  end
 end
 """
 
 RESERVE = """
--- ARGV[4] cost, [5] holder, [6] lease id, [7] ticket ('' = do not queue), [8] waiter TTL in ms.
--- granted: expiry ms, used; too_large: capacity, used; wait: place in the queue (0 = next), used.
-local cost, holder, id, ticket = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
-local expiry = redis.call('ZSCORE', K_LEASES, id)
-if expiry then
-  -- NOTE: a retried call whose first answer was lost finds its lease granted already.
-  if ticket ~= '' then dequeue(ticket) end
-  return answer('granted', tonumber(expiry), used)
+-- ARGV[2] member, [3] 'try' (never queue), 'new' (the member was never sent before) or 'again' (it was: it may
+-- hold a place in the queue, or a grant whose answer was lost or that serve_queue made while it waited).
+-- granted: expiry ms; too_large: capacity; wait: place in the queue (0 = next); busy (try): 0.
+local member, mode = ARGV[2], ARGV[3]
+local cost = cost_of(member)
+local queued = false
+if mode == 'again' then
+  queued = waiting > 0 and redis.call('ZSCORE', K_QUEUE, member)
+  if queued then redis.call('HSET', K_WAITERS, member, now + waiter_ttl_ms) end
+  serve_queue(member)
+  if live_expiry(member) then
+    -- NOTE: the caller has the grant now, so it runs for a lease TTL.
+    redis.call('ZADD', K_LEASES, 'XX', now + ttl_ms, member)
+    return answer('granted', now + ttl_ms)
+  end
+else
+  serve_queue('')
 end
 if cost > capacity then
-  if ticket ~= '' then dequeue(ticket) end
-  return answer('too_large', capacity, used)
+  if queued then dequeue(member) end
+  return answer('too_large', capacity)
 end
-local queued = ticket ~= '' and redis.call('ZSCORE', K_QUEUE, ticket)
-if queued then
-  redis.call('HSET', K_ALIVE, ticket, now + tonumber(ARGV[8]))
+if waiting == 0 and not recovering and fits(cost) then
+  return answer('granted', grant(member, cost, now + ttl_ms))
 end
--- A waiter that stopped asking is gone; only the head matters, so tickets are checked as they reach it.
-local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
-while head and tonumber(redis.call('HGET', K_ALIVE, head) or '0') <= now do
-  dequeue(head)
-  head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+if mode == 'try' then
+  return answer('busy', 0)
 end
--- First come, first served: only the head of the queue takes tokens, and a caller not in the queue takes them
--- only while nobody waits, so a large cost is never overtaken by later small ones.
-if (head == nil or (queued and head == ticket)) and not recovering and used + cost <= capacity then
-  if queued then dequeue(ticket) end
-  return answer('granted', grant(id, cost, holder), used)
-end
-if ticket == '' then
-  return answer('wait', redis.call('ZCARD', K_QUEUE), used)
-end
-if not queued then
-  redis.call('ZADD', K_QUEUE, redis.call('HINCRBY', K_META, 'seq', 1), ticket)
-  redis.call('HSET', K_ALIVE, ticket, now + tonumber(ARGV[8]))
-end
-return answer('wait', redis.call('ZRANK', K_QUEUE, ticket), used)
+-- NOTE: serve_queue keeps a queued caller queued unless it granted it or dropped it as too large (both above).
+if not queued then enqueue(member) end
+return answer('wait', redis.call('ZRANK', K_QUEUE, member))
 """
 
 RENEW = """
--- ARGV[4] lease id, [5] cost, [6] holder, [7] epoch that granted the lease.
--- renewed: new expiry ms, used; lost: the lease is gone (expired and reclaimed, or lost with Redis' data).
-local id, cost = ARGV[4], tonumber(ARGV[5])
-if redis.call('ZSCORE', K_LEASES, id) then
-  redis.call('ZADD', K_LEASES, 'XX', now + ttl_ms, id)
-  return answer('renewed', now + ttl_ms, used)
+-- ARGV[2] member, [3] epoch that granted the lease.
+-- renewed: new expiry ms; lost: 0, the lease is gone (expired, or lost with Redis' data).
+local member = ARGV[2]
+local status, expiry = 'lost', 0
+if live_expiry(member) then
+  status, expiry = 'renewed', now + ttl_ms
+  redis.call('ZADD', K_LEASES, 'XX', expiry, member)
+elseif ARGV[3] ~= epoch and recovering and fits(cost_of(member)) then
+  status, expiry = 'renewed', grant(member, cost_of(member), now + ttl_ms)
 end
-if ARGV[7] ~= epoch and recovering and used + cost <= capacity then
-  return answer('renewed', grant(id, cost, ARGV[6]), used)
-end
-return answer('lost', 0, used)
+serve_queue('')
+return answer(status, expiry)
 """
 
 RELEASE = """
--- ARGV[4] lease id, [5] ticket to withdraw from the queue ('' none). Answers tokens freed (0: not held), used.
-if ARGV[5] ~= '' then dequeue(ARGV[5]) end
-return answer('released', drop_lease(ARGV[4]), used)
+-- ARGV[2] member; also withdraws it from the queue (a waiter that gives up). Answers tokens freed (0: not held).
+local freed = drop_lease(ARGV[2])
+if waiting > 0 then
+  dequeue(ARGV[2])
+  serve_queue('')
+end
+return answer('released', freed)
 """
 
 STATE = """
--- Answers used, capacity, leases, waiters, recovering-until ms; sweeps out every waiter that stopped asking.
-local alive = redis.call('HGETALL', K_ALIVE)
-for i = 1, #alive, 2 do
-  if tonumber(alive[i + 1]) <= now then dequeue(alive[i]) end
+-- Answers used, capacity, leases, waiters, recovering-until ms, server time ms; reclaims every expired lease and
+-- sweeps out every waiter that stopped asking.
+reclaim()
+local waiters = redis.call('HGETALL', K_WAITERS)
+for i = 1, #waiters, 2 do
+  if tonumber(waiters[i + 1]) <= now then dequeue(waiters[i]) end
 end
-return answer('state', used, capacity, redis.call('ZCARD', K_LEASES), redis.call('ZCARD', K_QUEUE),
-  recovering_until)
+serve_queue('')
+local leases = redis.call('ZCARD', K_LEASES)
+return answer('state', table.concat({used, capacity, leases, waiting, recovering_until, now}, ' '))
 """
 
 SET_CAPACITY = """
--- ARGV[4] the new capacity. Answers it, used. Leases granted stay; new grants wait until they fit under it.
-redis.call('HSET', K_META, 'capacity', ARGV[4])
-return answer('set', tonumber(ARGV[4]), used)
+-- ARGV[2] the new capacity. Answers it. Leases granted stay; new grants wait until they fit under it.
+capacity = tonumber(ARGV[2])
+redis.call('HSET', K_META, 'capacity', capacity)
+serve_queue('')
+return answer('set', capacity)
 """
+
+
+def key_prefix(pool: str) -> str:
+    """`vlmflow:{<pool>}:v2:`: the pool name in braces is the keys' hash tag, so they share one Cluster slot."""
+    return f"vlmflow:{{{pool}}}:v{LAYOUT_VERSION}:"
+
+
+def keys(pool: str) -> tuple[str, ...]:
+    """The KEYS of every script, in `KEY_NAMES` order."""
+    return tuple(key_prefix(pool) + name for name in KEY_NAMES)
+
+
+def source(body: str, *, capacity: int, ttl_ms: int, waiter_ttl_ms: int) -> str:
+    """The script of one operation with the caller's constants in place."""
+    return HEADER.format(capacity=capacity, ttl_ms=ttl_ms, waiter_ttl_ms=waiter_ttl_ms) + PRELUDE + body

@@ -20,6 +20,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from schemas.settings import Settings, load_settings
 from tests.conftest import free_port_block
 from vlmflow.stack import LocalStack
+from workers import budget as budget_module
+from workers.budget_scripts import GRANTED_CHANNEL, key_prefix
 from workers.budget import (
     WAITER_TTL_S,
     BudgetTimeout,
@@ -57,16 +59,20 @@ async def redis(stack_settings: Settings) -> AsyncIterator[Redis]:
     await connection.aclose()
 
 
-async def live_sum(redis: Redis, pool: str) -> int:
-    """The costs of unexpired leases, read in one transaction straight from the keys (not from the `used`
-    counter the scripts keep), so the check does not trust the code under test."""
+async def live_leases(redis: Redis, pool: str) -> list[tuple[int, str]]:
+    """(cost, holder) of every unexpired lease, read in one transaction straight from the lease set (not from the
+    `used` counter the scripts keep), so the check does not trust the code under test."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.time()
-        pipe.zrange(f"vlmflow:{{{pool}}}:leases", 0, -1, withscores=True)
-        pipe.hgetall(f"vlmflow:{{{pool}}}:held")
-        (seconds, micros), leases, held = await pipe.execute()
+        pipe.zrange(f"{key_prefix(pool)}leases", 0, -1, withscores=True)
+        (seconds, micros), leases = await pipe.execute()
     now_ms = seconds * 1000 + micros // 1000
-    return sum(int(held[lease_id].split(b"|")[0]) for lease_id, expiry in leases if expiry > now_ms)
+    members = (member.decode().split("|", 2) for member, expiry in leases if expiry > now_ms)
+    return [(int(cost), holder) for _lease_id, cost, holder in members]
+
+
+async def live_sum(redis: Redis, pool: str) -> int:
+    return sum(cost for cost, _holder in await live_leases(redis, pool))
 
 
 class Sampler:
@@ -149,7 +155,7 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], poll: float = 0.0
 
 
 async def holders(redis: Redis, pool: str) -> set[str]:
-    return {value.decode().split("|", 1)[1] for value in await redis.hvals(f"vlmflow:{{{pool}}}:held")}
+    return {holder for _cost, holder in await live_leases(redis, pool)}
 
 
 # -- the life cycle ----------------------------------------------------------------------------------------------
@@ -272,6 +278,71 @@ async def test_a_vanished_waiter_stops_blocking_the_queue(redis: Redis, stack_se
     lease = await budget.reserve(10, "behind", timeout_s=10)
     assert lease.cost == 10
     assert time.monotonic() - killed <= WAITER_TTL_S + 0.5
+
+
+async def test_a_grant_to_a_vanished_waiter_lapses(redis: Redis, stack_settings: Settings) -> None:
+    """A release grants the head of the queue even when its waiter died a moment ago (nobody knows yet). The
+    waiter never confirms the grant, so its tokens come back within the waiter TTL, not the lease TTL (5 s)."""
+    pool = unique_pool()
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=MAX_TTL_S)
+    holder = await budget.try_reserve(50, "holder")
+    assert holder is not None
+    waiter = SPAWN.Process(target=wait_forever, args=(stack_settings.redis.url, pool, 100, MAX_TTL_S, 80))
+    waiter.start()
+    try:
+
+        async def queued() -> bool:
+            return (await budget.state()).waiting == 1
+
+        await wait_until(queued, timeout=30)
+    finally:
+        waiter.kill()
+        waiter.join()
+    killed = time.monotonic()
+    assert await budget.release(holder)
+    assert await holders(redis, pool) == {"waiter"}, "the dead waiter was granted its 80 tokens"
+    lease = await budget.reserve(30, "behind", timeout_s=10)
+    assert lease.cost == 30
+    assert time.monotonic() - killed <= WAITER_TTL_S + 0.5
+    assert await holders(redis, pool) == {"behind"}
+
+
+async def test_a_release_grants_the_waiting_run_at_once_and_tells_the_waiters(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release that frees the tokens grants every waiter that now fits, in arrival order, in one script, and
+    publishes their tickets; the waiters take their leases on that notice, not on their next poll."""
+    monkeypatch.setattr(budget_module, "HEAD_POLL_S", 30.0)
+    monkeypatch.setattr(budget_module, "QUEUE_POLL_S", 30.0)
+    pool = unique_pool()
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=5)
+    hog = await budget.try_reserve(100, "hog")
+    assert hog is not None
+    waiters = []
+    for index in range(4):
+        waiters.append(asyncio.create_task(budget.reserve(30, f"waiter-{index}", timeout_s=20)))
+
+        async def queued(count: int = index + 1) -> bool:
+            return (await budget.state()).waiting == count
+
+        await wait_until(queued)
+    listener = redis.pubsub()
+    await listener.subscribe(key_prefix(pool) + GRANTED_CHANNEL)
+    assert (await listener.get_message(timeout=5))["type"] == "subscribe"
+    released = time.monotonic()
+    await budget.release(hog)
+    notice = await listener.get_message(timeout=5)
+    await listener.aclose()
+    leases = await asyncio.wait_for(asyncio.gather(*waiters[:3]), timeout=5)
+    assert time.monotonic() - released < 5, "the waiters took their leases on the notice, not on a 30 s poll"
+    assert notice is not None and notice["data"].decode().split(" ") == [lease.lease_id for lease in leases]
+    assert [lease.holder for lease in leases] == ["waiter-0", "waiter-1", "waiter-2"]
+    state = await budget.state()
+    assert all(lease.expires_at_ms - state.server_time_ms > 4_000 for lease in leases), "confirmed: a full TTL"
+    assert (state.in_use, state.waiting) == (90, 1)
+    waiters[3].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiters[3]
 
 
 # -- many processes --------------------------------------------------------------------------------------------------
