@@ -35,7 +35,7 @@ a microsecond in the server and a script call a few more, and here each microsec
 about three (a GET's reply is often in the socket before the client's event loop polls; a script's is not, and the
 client pays a sleep and a wake-up). The budget stays 0.15-0.35 above that floor for its own checks (epoch, recovery,
 queue), its answer and its Python side. Over a network, where every round trip waits, the ratios shrink.
-""""""
+"""
 
 from __future__ import annotations
 
