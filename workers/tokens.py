@@ -77,18 +77,25 @@ def _bounds(min_pixels: int | None, max_pixels: int | None, default_min: int, de
     return low, high
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, *, frames: tuple[int, int] = (1, 1)
+) -> tuple[int, int]:
     """(height, width) after the processor's resize: sides rounded to `factor` (half to even), then scaled down
-    with floor above `max_pixels` (never below one factor) or up with ceil below `min_pixels`."""
+    with floor above `max_pixels` (never below one factor) or up with ceil below `min_pixels`.
+
+    `frames` is (frames, frames rounded to the temporal patch) for a clip, whose bounds hold all its frames:
+    the rounded count decides whether to scale, the real one by how much (as transformers' video processors do).
+    """
     _check_size(width, height)
+    num_frames, t_bar = frames
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
@@ -140,19 +147,8 @@ def _video_smart_resize(
         scale = max(factor / height, factor / width)
         height = int(height * scale)
         width = int(width * scale)
-    _check_size(width, height)
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal) * temporal
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return smart_resize(height, width, factor, min_pixels, max_pixels, frames=(num_frames, t_bar))
 
 
 def video_tokens(
