@@ -30,6 +30,7 @@ from schemas.codec import encode
 from schemas.logs import ImageInfo, NormalizedLog
 from schemas.settings import Settings
 from streams.queue import ClaimLost, CorrectionQueue
+from tests.flywheel_worker import worker_env
 from tests.integration.ops_data import read_topic
 from vlmflow.cli import main
 from vlmflow.objectstore import object_store
@@ -107,14 +108,10 @@ async def test_skip_gives_the_case_to_others_and_suggestions_travel_with_it(queu
 
 
 def review_env(settings: Settings, queue_name: str) -> dict[str, str]:
+    """`flywheel_worker.worker_env` with a Faust app and review queue of this test's own, and quick snapshots."""
+    streams = settings.streams.model_copy(update={"app_id": f"golden-{queue_name}", "review_queue": queue_name})
     return {
-        "VLMFLOW_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "VLMFLOW_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "VLMFLOW_REDIS__URL": settings.redis.url,
-        "VLMFLOW_S3__ENDPOINT": settings.s3.endpoint,
-        "VLMFLOW_STATE_DIR": str(settings.state_dir),
-        "VLMFLOW_STREAMS__APP_ID": f"golden-{queue_name}",
-        "VLMFLOW_STREAMS__REVIEW_QUEUE": queue_name,
+        **worker_env(settings.model_copy(update={"streams": streams})),
         "VLMFLOW_STREAMS__GOLDEN_SNAPSHOT_INTERVAL_S": "3",
     }
 
