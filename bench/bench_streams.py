@@ -27,25 +27,23 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import TopicPartition
 
 from schemas.codec import encode
 from schemas.errors import InvalidLog
 from schemas.logs import Lineage, NormalizedLog, RejectedLog
 from schemas.settings import Settings, load_settings
-from schemas.topics import TOPICS, TopicSpec
-from streams.mining import hard_case
-from streams.normalize import normalize, raw_log_id
-from streams.pii import redact_log
-from streams.rules import load_rules
-from tests.flywheel_data import mixed_raw_logs
-from tests.flywheel_worker import Records, produce, read_topics, streams_worker
+from schemas.topics import TOPICS, Topic, TopicSpec
+from streams.flywheel.mining import hard_case
+from streams.flywheel.normalize import normalize, raw_log_id
+from streams.flywheel.pii import redact_log
+from streams.flywheel.rules import load_rules
+from tests.support.flywheel_data import mixed_raw_logs
+from tests.support.flywheel_worker import Records, produce, read_topics, streams_worker
 from vlmflow.kafka_admin import create_topics
 from vlmflow.stack import LocalStack
 
-RAW = "vlm.logs.raw"
 BARE_OUT = ("bench.bare.normalized", "bench.bare.rejected")
-AGENT_OUT = ("vlm.logs.normalized", "vlm.logs.rejected")
+AGENT_OUT = (Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED)
 WAIT_S = 600.0
 _COUNTS = re.compile(r"flywheel: normalized (\d+), rejected (\d+)")
 
@@ -65,7 +63,7 @@ async def bare_loop(settings: Settings, count: int) -> None:
     """consume → normalize → produce the record or its rejection; commit after each flushed batch."""
     options = settings.kafka.client_options()
     consumer = AIOKafkaConsumer(
-        RAW, **options, group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
+        Topic.LOGS_RAW, **options, group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
         auto_offset_reset="earliest", session_timeout_ms=settings.kafka.session_timeout_ms,
     )  # fmt: skip
     producer = AIOKafkaProducer(**options, acks="all", linger_ms=5)
@@ -113,7 +111,7 @@ def agents(settings: Settings, count: int, log_path: Path) -> None:
 def stage_costs_us(values: list[bytes], settings: Settings) -> dict[str, float]:
     """Microseconds per message of each pure stage, in this process, over the same messages."""
     rules = load_rules(None)
-    lineage = Lineage(topic=RAW, partition=0, offset=0)
+    lineage = Lineage(topic=Topic.LOGS_RAW, partition=0, offset=0)
     logs: list[NormalizedLog] = []
 
     def timed(work: Callable[[], None]) -> float:
@@ -166,12 +164,12 @@ def main() -> None:
             print(f"bare aiokafka loop (consume → normalize → produce):  {bare_rate:8.0f} msg/s", flush=True)
 
             agents(settings, args.count, Path(state) / "streams.log")
-            found = read_topics(settings, [*AGENT_OUT, "vlm.cases.hard"], lambda _: False, 5)
+            found = read_topics(settings, [*AGENT_OUT, Topic.CASES_HARD], lambda _: False, 5)
             screened = sum(len(found[name]) for name in AGENT_OUT)
             agent_rate = args.count / _span_s(found, AGENT_OUT)
-            all_rate = args.count / _span_s(found, (*AGENT_OUT, "vlm.cases.hard"))
+            all_rate = args.count / _span_s(found, (*AGENT_OUT, Topic.CASES_HARD))
             print(f"faust agents (screen + dedupe → normalized|rejected): {agent_rate:8.0f} msg/s "
-                  f"({screened} outputs, {len(found['vlm.cases.hard'])} hard cases)")  # fmt: skip
+                  f"({screened} outputs, {len(found[Topic.CASES_HARD])} hard cases)")  # fmt: skip
             print(f"faust agents, until the last hard case:               {all_rate:8.0f} msg/s")
             print(f"ratio agents / bare loop: {agent_rate / bare_rate:.2f}")
             costs = stage_costs_us([log.value for log in logs], settings)

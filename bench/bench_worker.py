@@ -27,8 +27,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from schemas.connections import aiokafka_options, redis_client
 from schemas.jobs import ImageJob
 from schemas.settings import Settings, load_settings
+from schemas.topics import Topic
 from tests.conftest import free_port_block, start_broker
 from vlmflow.job_mix import encoded_image
 from vlmflow.kafka_admin import create_topics
@@ -36,10 +38,7 @@ from vlmflow.objectstore import put_image
 from vlmflow.stack import S3_PORT_BLOCK, LocalStack
 from vlmflow.worker_process import WorkerProcess, engine_python
 from workers.budget import TokenBudget
-from workers.connections import aiokafka_options, redis_client
 
-JOBS_TOPIC = "vlm.jobs.image"
-RESULTS_TOPIC = "vlm.jobs.result"
 BARE_IN, BARE_OUT = "bench.bare.in", "bench.bare.out"
 PARTITIONS = 6
 """As vlm.jobs.image and vlm.jobs.result, so both loops see the same layout."""
@@ -174,12 +173,12 @@ def bench_worker(
     settings: Settings, count: int, log_path: Path, *, engine: str, python: Path | None, max_output_tokens: int
 ) -> float:
     """Jobs per second of one worker process over `count` jobs already on the topic."""
-    asyncio.run(produce_all(settings, JOBS_TOPIC, job_values(settings, count, max_output_tokens)))
+    asyncio.run(produce_all(settings, Topic.JOBS_IMAGE, job_values(settings, count, max_output_tokens)))
     asyncio.run(_wait_out_budget_recovery(settings))
     worker = WorkerProcess(settings, log_path, engine=engine, python=python).start()  # type: ignore[arg-type]
     try:
         worker.wait_ready(WORKER_READY_TIMEOUT_S)
-        return asyncio.run(output_rate(settings, RESULTS_TOPIC, count, timeout_s=900))
+        return asyncio.run(output_rate(settings, Topic.JOBS_RESULT, count, timeout_s=900))
     finally:
         worker.stop()
 

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.base import Message, UtcDatetime, utc_now
 from schemas.logs import ImageInfo, NormalizedLog
 
+CorrectionSource = Literal["human", "model"]
+"""Who wrote a correction: a person, or a stronger model whose suggestion a person accepted."""
+
 
 class Signal(BaseModel):
     """One explainable reason a log is hard, with the weight it added to the score."""
@@ -38,7 +41,7 @@ class Correction(Message):
     task: str | None = None
     output: dict[str, Any]
     """The corrected answer, validated against the task schema."""
-    source: Literal["human", "model"] = "human"
+    source: CorrectionSource = "human"
     reviewer: str
     submitted_at: UtcDatetime = Field(default_factory=utc_now)
     case: HardCase | None = None

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from schemas.errors import InvalidMessage
+from schemas.errors import InvalidMessage, first_error
 from schemas.topics import topic
 
 
@@ -27,11 +27,10 @@ def decode(topic_name: str, raw: bytes | str | None, *, max_bytes: int | None = 
     try:
         return _adapter(spec.value_type).validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or None
-        if first["type"] == "json_invalid":
-            raise InvalidMessage(topic_name, f"not JSON: {first['msg']}") from None
-        raise InvalidMessage(topic_name, first["msg"], field=field) from None
+        where, message = first_error(exc, top="")
+        if exc.errors()[0]["type"] == "json_invalid":
+            raise InvalidMessage(topic_name, f"not JSON: {message}") from None
+        raise InvalidMessage(topic_name, message, field=where or None) from None
 
 
 def encode(value: BaseModel) -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from pydantic import ValidationError
+
 ErrorCode = Literal[
     # the message itself
     "invalid_message",  # not JSON, or not the topic's schema
@@ -52,3 +54,13 @@ class InvalidLog(VlmflowError, ValueError):
     def __init__(self, code: str, message: str):
         self.code = code
         super().__init__(f"{code}: {message}")
+
+
+def first_error(exc: ValidationError, *, top: str = "(top level)") -> tuple[str, str]:
+    """The first problem of a pydantic error as (dotted location, message): one line is what a person reads.
+
+    `top` names the location when the problem is the whole value; pydantic's "Value error, " prefix is dropped.
+    """
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or top
+    return where, first["msg"].removeprefix("Value error, ")

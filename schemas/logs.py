@@ -22,7 +22,7 @@ InvalidLogCode = Literal[
     "inline_image",  # a `data:` image: a dataset needs a stored object to point at
     "invalid_correction",  # the user's correction is no JSON object or array, or holds an unreadable box
 ]
-"""Why `streams.normalize.normalize` could not read a raw log (the `code` of `schemas.InvalidLog`)."""
+"""Why `streams.flywheel.normalize.normalize` could not read a raw log (the `code` of `schemas.InvalidLog`)."""
 FlywheelRejectCode = Literal["rule", "duplicate", "too_large", "internal_error"]
 """`rule`: a filter rule fired (named in `rule`); `duplicate`: same content as an earlier log; `too_large`: the
 normalized record would not fit a Kafka message; `internal_error`: a defect in vlmflow met this log (the detail

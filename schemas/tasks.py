@@ -84,7 +84,7 @@ def _box_type(box_field: BoxField) -> Any:
     # NOTE: only the 0–1000 grid has an upper bound; pixel boxes are bounded by an image size the schema cannot see.
     upper = {"le": 1000} if box_field == "box_1000" else {}
     coordinate = Annotated[float, Field(ge=0, **upper)]
-    return Annotated[list[coordinate], Field(min_length=4, max_length=4)]  # type: ignore[valid-type]
+    return Annotated[list[coordinate], Field(min_length=4, max_length=4)]
 
 
 @cache
@@ -178,7 +178,7 @@ def task_schema(task: str, output_schema: JsonSchema | None = None, *, box_field
     if output_schema is not None:
         _check_output_schema(output_schema)
         return _extract_with_refusal(output_schema)
-    return copy.deepcopy(_fixed_task_schema(task, box_field))  # type: ignore[arg-type]
+    return copy.deepcopy(_fixed_task_schema(task, box_field))
 
 
 def _validator(task: str, output_schema: JsonSchema | None, box_field: BoxField) -> Draft202012Validator:
@@ -186,7 +186,7 @@ def _validator(task: str, output_schema: JsonSchema | None, box_field: BoxField)
     if output_schema is not None:
         _check_output_schema(output_schema)
         return Draft202012Validator(_extract_with_refusal(output_schema))
-    return _fixed_task_validator(task, box_field)  # type: ignore[arg-type]
+    return _fixed_task_validator(task, box_field)
 
 
 def is_refusal(answer: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 from schemas.cases import Correction, GoldenRecord, HardCase
@@ -10,6 +11,21 @@ from schemas.jobs import ImageJob, JobResult, RetryJob
 from schemas.logs import NormalizedLog, RawLog, RejectedLog
 
 CleanupPolicy = Literal["delete", "compact"]
+
+
+class Topic(StrEnum):
+    """Every topic name vlmflow uses. The one place these strings are written; a `Topic` is a `str` everywhere."""
+
+    JOBS_IMAGE = "vlm.jobs.image"
+    JOBS_RESULT = "vlm.jobs.result"
+    JOBS_RETRY = "vlm.jobs.retry"
+    JOBS_DLQ = "vlm.jobs.dlq"
+    LOGS_RAW = "vlm.logs.raw"
+    LOGS_NORMALIZED = "vlm.logs.normalized"
+    LOGS_REJECTED = "vlm.logs.rejected"
+    CASES_HARD = "vlm.cases.hard"
+    CORRECTIONS_DONE = "vlm.corrections.done"
+    GOLDEN = "vlm.golden"
 
 
 @dataclass(frozen=True)
@@ -32,17 +48,17 @@ class TopicSpec:
 TOPICS: dict[str, TopicSpec] = {
     spec.name: spec
     for spec in (
-        TopicSpec("vlm.jobs.image", "job_id", ImageJob, 6, description="image jobs from upstream services"),
-        TopicSpec("vlm.jobs.result", "job_id", JobResult, 6, description="one result per job_id"),
-        TopicSpec("vlm.jobs.retry", "job.job_id", RetryJob, 3, description="jobs waiting for another attempt"),
-        TopicSpec("vlm.jobs.dlq", "job.job_id", RetryJob, 1, description="jobs whose retries ran out"),
-        TopicSpec("vlm.logs.raw", "request_id", RawLog, 6, description="request logs in any source format"),
-        TopicSpec("vlm.logs.normalized", "log_id", NormalizedLog, 6, description="logs in one vocabulary"),
-        TopicSpec("vlm.logs.rejected", "log_id", RejectedLog, 3, description="logs that did not pass, with why"),
-        TopicSpec("vlm.cases.hard", "log_id", HardCase, 3, description="hard cases with score and signals"),
-        TopicSpec("vlm.corrections.done", "case_id", Correction, 3, description="submitted corrections"),
+        TopicSpec(Topic.JOBS_IMAGE, "job_id", ImageJob, 6, description="image jobs from upstream services"),
+        TopicSpec(Topic.JOBS_RESULT, "job_id", JobResult, 6, description="one result per job_id"),
+        TopicSpec(Topic.JOBS_RETRY, "job.job_id", RetryJob, 3, description="jobs waiting for another attempt"),
+        TopicSpec(Topic.JOBS_DLQ, "job.job_id", RetryJob, 1, description="jobs whose retries ran out"),
+        TopicSpec(Topic.LOGS_RAW, "request_id", RawLog, 6, description="request logs in any source format"),
+        TopicSpec(Topic.LOGS_NORMALIZED, "log_id", NormalizedLog, 6, description="logs in one vocabulary"),
+        TopicSpec(Topic.LOGS_REJECTED, "log_id", RejectedLog, 3, description="logs that did not pass, with why"),
+        TopicSpec(Topic.CASES_HARD, "log_id", HardCase, 3, description="hard cases with score and signals"),
+        TopicSpec(Topic.CORRECTIONS_DONE, "case_id", Correction, 3, description="submitted corrections"),
         TopicSpec(
-            "vlm.golden",
+            Topic.GOLDEN,
             "record_id",
             GoldenRecord,
             1,

@@ -15,6 +15,11 @@ fi
 echo "== installing vlmflow[dev] into .venv"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 
+echo "== ruff and mypy (configured in pyproject.toml)"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+
 echo "== engine environment"
 scripts/engine-env.sh .venv-engine
 

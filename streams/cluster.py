@@ -17,7 +17,19 @@ from kafka.protocol.admin import DescribeGroupsRequest
 
 from schemas.errors import VlmflowError
 from schemas.settings import Settings
-from streams.window import OffsetRange
+
+
+@dataclass(frozen=True)
+class OffsetRange:
+    """Offsets `[start, end)` of one partition."""
+
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return max(0, self.end - self.start)
+
 
 POLL_MS = 100
 """One poll's wait: short, so progress and the stall check stay responsive."""

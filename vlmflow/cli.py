@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from schemas.errors import VlmflowError
+from schemas.errors import VlmflowError, first_error
 from schemas.settings import Settings, load_settings
 
 COMMAND_MODULES = (
@@ -63,9 +63,8 @@ def one_line_error(exc: BaseException, settings: Settings | None) -> str | None:
     if isinstance(exc, VlmflowError):
         return str(exc)
     if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return f"invalid setting {where}: {first['msg']}"
+        where, message = first_error(exc)
+        return f"invalid setting {where}: {message}"
     kafka = settings.kafka.bootstrap_servers if settings else "the configured broker"
     s3 = settings.s3.endpoint if settings else "the configured S3 endpoint"
     redis_url = settings.redis.url if settings else "the configured Redis"

@@ -60,7 +60,7 @@ class PlannedJob:
 
 def encoded_image(size: tuple[int, int], fmt: str, rng: random.Random) -> bytes:
     """A picture of a few coloured shapes, `fmt` as Pillow names it."""
-    image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))  # type: ignore[arg-type]
+    image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     draw = ImageDraw.Draw(image)
     width, height = size
     for _ in range(rng.randint(1, 4)):
@@ -70,7 +70,7 @@ def encoded_image(size: tuple[int, int], fmt: str, rng: random.Random) -> bytes:
             min(height - 1, y1 + rng.randint(4, height // 2 + 4)),
         )
         fill = tuple(rng.randrange(256) for _ in range(3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x1, y1, max(x1, x2), max(y1, y2)), fill=fill)  # type: ignore[arg-type]
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x1, y1, max(x1, x2), max(y1, y2)), fill=fill)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()

@@ -5,13 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 
-from minio import Minio
-
+from schemas.connections import object_store
 from schemas.settings import Settings
-
-
-def object_store(settings: Settings) -> Minio:
-    return Minio(**settings.s3.client_kwargs())  # type: ignore[arg-type]
 
 
 def ensure_buckets(settings: Settings) -> list[str]:

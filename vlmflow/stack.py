@@ -99,7 +99,9 @@ def _probe_redis(url: str) -> Callable[[], None]:
     def probe() -> None:
         import redis
 
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        from schemas.connections import redis_options
+
+        client = redis.Redis.from_url(url, **redis_options())
         try:
             client.ping()
         finally:
@@ -110,7 +112,7 @@ def _probe_redis(url: str) -> Callable[[], None]:
 
 def _probe_s3(settings: Settings) -> Callable[[], None]:
     def probe() -> None:
-        from vlmflow.objectstore import object_store
+        from schemas.connections import object_store
 
         object_store(settings).list_buckets()
 
@@ -266,7 +268,7 @@ class LocalStack:
             try:
                 service.probe()
                 return
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            except Exception as exc:
                 last_error = f"{type(exc).__name__}: {exc}"[:200]
             time.sleep(0.3)
         raise StackError(f"{service.name} did not answer within {READY_TIMEOUT_S:.0f} s ({last_error})")

@@ -46,7 +46,8 @@ a key, so Redis Cluster lets a script publish to it; Cluster delivers it to subs
 
 HEADER = "local configured_capacity, ttl_ms, waiter_ttl_ms = {capacity:d}, {ttl_ms:d}, {waiter_ttl_ms:d}\n"
 
-PRELUDE = """
+PRELUDE = (
+    """
 local K_META, K_LEASES, K_QUEUE, K_WAITERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -161,10 +162,13 @@ local function serve_queue(own)
     head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
   end
   if #granted > 0 then
-    redis.call('PUBLISH', (string.gsub(K_META, 'meta$', '""" + GRANTED_CHANNEL + """')), table.concat(granted, ' '))
+    redis.call('PUBLISH', (string.gsub(K_META, 'meta$', '"""
+    + GRANTED_CHANNEL
+    + """')), table.concat(granted, ' '))
   end
 end
 """
+)
 
 RESERVE = """
 -- ARGV[2] member, [3] 'try' (never queue), 'new' (the member was never sent before) or 'again' (it was: it may

@@ -20,15 +20,14 @@ from types import TracebackType
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.codec import decode, encode, key_of
+from schemas.connections import aiokafka_options
 from schemas.errors import InvalidMessage, VlmflowError
 from schemas.jobs import ImageJob, JobResult
 from schemas.settings import Settings
-from workers.connections import aiokafka_options
+from schemas.topics import Topic
 
 log = logging.getLogger("vlmflow.client")
 
-JOBS_TOPIC = "vlm.jobs.image"
-RESULTS_TOPIC = "vlm.jobs.result"
 POLL_MS = 200
 
 
@@ -39,7 +38,7 @@ class ResultTimeout(VlmflowError):
 class JobClient:
     """Submit jobs and await their results. Use as `async with`, or call `start()` and `stop()`."""
 
-    def __init__(self, settings: Settings, *, results_topic: str = RESULTS_TOPIC):
+    def __init__(self, settings: Settings, *, results_topic: str = Topic.JOBS_RESULT):
         self.settings = settings
         self.results_topic = results_topic
         options = aiokafka_options(settings.kafka)
@@ -84,13 +83,13 @@ class JobClient:
 
     async def submit(self, job: ImageJob) -> str:
         """Publish `job` (acknowledged by the broker) and start watching for its result; returns its job_id."""
-        return await self.submit_raw(key_of(JOBS_TOPIC, job).decode(), encode(job))
+        return await self.submit_raw(key_of(Topic.JOBS_IMAGE, job).decode(), encode(job))
 
     async def submit_raw(self, job_id: str, value: bytes) -> str:
         """Publish a record value as it is, keyed by `job_id`: how the demo and tests send records that are no
         valid job (workers answer those with `invalid_message` under the key)."""
         self._future(job_id)
-        await self._producer.send_and_wait(JOBS_TOPIC, value, key=job_id.encode())
+        await self._producer.send_and_wait(Topic.JOBS_IMAGE, value, key=job_id.encode())
         return job_id
 
     async def result(self, job_id: str, timeout_s: float) -> JobResult:
@@ -130,7 +129,7 @@ class JobClient:
 
     def _take(self, value: bytes | None) -> None:
         try:
-            result: JobResult = decode(RESULTS_TOPIC, value)
+            result: JobResult = decode(Topic.JOBS_RESULT, value)
         except InvalidMessage as exc:
             log.warning("skipping a record of %s: %s", self.results_topic, exc)
             return
@@ -143,7 +142,7 @@ class JobClient:
         future.set_result(result)
 
 
-async def read_results(settings: Settings, *, follow: bool, topic: str = RESULTS_TOPIC) -> AsyncIterator[JobResult]:
+async def read_results(settings: Settings, *, follow: bool, topic: str = Topic.JOBS_RESULT) -> AsyncIterator[JobResult]:
     """Every result on `topic` from the beginning, partition by partition as fetched; without `follow` it stops
     at the high watermark of every partition (which fetch responses report correctly on any broker)."""
     consumer = AIOKafkaConsumer(**aiokafka_options(settings.kafka), enable_auto_commit=False)
@@ -159,7 +158,7 @@ async def read_results(settings: Settings, *, follow: bool, topic: str = RESULTS
             for records in batches.values():
                 for record in records:
                     try:
-                        yield decode(RESULTS_TOPIC, record.value)
+                        yield decode(Topic.JOBS_RESULT, record.value)
                     except InvalidMessage as exc:
                         log.warning("skipping %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
             if not follow and await _at_end(consumer, tps):

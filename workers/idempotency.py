@@ -30,8 +30,8 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
+from schemas.connections import aiokafka_options
 from schemas.settings import Settings
-from workers.connections import aiokafka_options
 
 ClaimState = Literal["claimed", "done", "busy", "taken_over"]
 KEY_PREFIX = "vlmflow:job:"

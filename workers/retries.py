@@ -15,8 +15,6 @@ from schemas.jobs import ImageJob, JobError, RetryJob
 from schemas.settings import WorkerSettings
 
 RETRYABLE_CODES: frozenset[ErrorCode] = frozenset({"engine_error", "image_fetch_failed", "internal_error"})
-RETRY_TOPIC = "vlm.jobs.retry"
-DEAD_LETTER_TOPIC = "vlm.jobs.dlq"
 
 Route = Literal["answer", "retry", "dead_letter"]
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (
+from transformers import (  # type: ignore[attr-defined]
     GenerationConfig,
     Qwen2Tokenizer,
     Qwen2VLConfig,

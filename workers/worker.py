@@ -35,29 +35,26 @@ from pydantic import BaseModel
 
 from schemas.base import utc_now
 from schemas.codec import decode, encode, key_of
+from schemas.connections import aiokafka_options, object_store, redis_client
 from schemas.errors import ErrorCode, InvalidMessage, VlmflowError
 from schemas.jobs import ImageJob, JobError, JobResult, RetryJob, Timings
 from schemas.logs import JobEvent
 from schemas.settings import Settings
 from schemas.tasks import MODEL_BOX_FIELD, BoxField, InvalidAnswer, InvalidTaskSchema, task_schema, validate_answer
-from schemas.topics import TOPICS
+from schemas.topics import TOPICS, Topic
 from workers.budget import BudgetTimeout, CostExceedsCapacity, Lease, LeaseExpired, TokenBudget
-from workers.connections import aiokafka_options, object_store, redis_client
 from workers.engines.base import Engine, EngineOutput, EngineRequest
 from workers.idempotency import IdempotencyRecords, published_before
 from workers.images import ImageError, LoadedImage, load_images
 from workers.metrics import MetricsServer, WorkerMetrics
 from workers.offsets import OffsetTracker, Ticket
 from workers.prompts import MissingPrompt, task_prompt
-from workers.retries import DEAD_LETTER_TOPIC, RETRY_TOPIC, decide, exhausted
+from workers.retries import decide, exhausted
 from workers.tokens import MAX_ASPECT_RATIO, image_tokens
 
 log = logging.getLogger("vlmflow.worker")
 
-JOBS_TOPIC = "vlm.jobs.image"
-RESULTS_TOPIC = "vlm.jobs.result"
-LOGS_TOPIC = "vlm.logs.raw"
-CONSUMED_TOPICS = (JOBS_TOPIC, RETRY_TOPIC)
+CONSUMED_TOPICS = (Topic.JOBS_IMAGE, Topic.JOBS_RETRY)
 COMMIT_INTERVAL_S = 0.5
 GAUGE_INTERVAL_S = 2.0
 FETCH_TIMEOUT_MS = 200
@@ -255,11 +252,11 @@ class Worker:
         NOTE: ListOffsets "latest" of the local broker can answer below the true end, never above it, which is
         all a lower bound needs; produce acknowledgements raise the bounds from then on.
         """
-        partitions = await self._topic_partitions(RESULTS_TOPIC)
+        partitions = await self._topic_partitions(Topic.JOBS_RESULT)
         probe = AIOKafkaConsumer(**aiokafka_options(self.settings.kafka), enable_auto_commit=False)
         try:
             await probe.start()
-            ends = await probe.end_offsets([TopicPartition(RESULTS_TOPIC, p) for p in partitions])
+            ends = await probe.end_offsets([TopicPartition(Topic.JOBS_RESULT, p) for p in partitions])
         finally:
             await probe.stop()
         self._result_ends = {tp.partition: offset for tp, offset in ends.items()}
@@ -391,7 +388,7 @@ class Worker:
 
     async def _decode(self, record: ConsumerRecord) -> ImageJob:
         limit = self.settings.worker.max_message_bytes
-        if record.topic != RETRY_TOPIC:
+        if record.topic != Topic.JOBS_RETRY:
             job: ImageJob = decode(record.topic, record.value, max_bytes=limit)
             return job
         retry: RetryJob = decode(record.topic, record.value, max_bytes=limit)
@@ -413,7 +410,7 @@ class Worker:
                 assert claim.previous_partition is not None, "a publishing claim records its partition"
                 key = job_id.encode()
                 if await published_before(
-                    self.settings, RESULTS_TOPIC, claim.previous_partition, claim.previous_offset, key
+                    self.settings, Topic.JOBS_RESULT, claim.previous_partition, claim.previous_offset, key
                 ):
                     log.info("job %s: a dead worker had published its result; skipping", job_id)
                     await self.records.done(job_id, owner)
@@ -552,7 +549,7 @@ class Worker:
         decision = decide(job, error, self.settings.worker, utc_now())
         if decision.route == "answer" or decision.record is None:
             return await self._publish(job, owner, self._result(job, served), served.image_sizes)
-        topic = RETRY_TOPIC if decision.route == "retry" else DEAD_LETTER_TOPIC
+        topic = Topic.JOBS_RETRY if decision.route == "retry" else Topic.JOBS_DLQ
         await self._send(topic, decision.record, key=job.job_id.encode())
         if decision.route == "retry":
             self.metrics.retried.inc()
@@ -591,8 +588,8 @@ class Worker:
         so a result found there proves the rest went out (the in-doubt read-back relies on it). Then `done`.
 
         Returns False without publishing when the claim was lost to a worker that presumed this one dead."""
-        key = key_of(RESULTS_TOPIC, result)
-        partition = await self._partition_of(RESULTS_TOPIC, key)
+        key = key_of(Topic.JOBS_RESULT, result)
+        partition = await self._partition_of(Topic.JOBS_RESULT, key)
         if not await self.records.publishing(result.job_id, owner, partition, self._result_ends.get(partition)):
             log.warning("job %s: claim lost before publishing; the worker that took it over answers it", result.job_id)
             return True
@@ -600,9 +597,11 @@ class Worker:
         if job is not None:
             if job.reply_to is not None:
                 firsts.append(self._send(job.reply_to, result, key=key))
-            firsts.append(self._send(LOGS_TOPIC, JobEvent(job=job, result=result, image_sizes=image_sizes), key=key))
+            firsts.append(
+                self._send(Topic.LOGS_RAW, JobEvent(job=job, result=result, image_sizes=image_sizes), key=key)
+            )
         await asyncio.gather(*firsts)
-        metadata = await self._send(RESULTS_TOPIC, result, key=key, partition=partition)
+        metadata = await self._send(Topic.JOBS_RESULT, result, key=key, partition=partition)
         self._result_ends[partition] = max(self._result_ends.get(partition, 0), metadata.offset + 1)
         await self.records.done(result.job_id, owner)
         self.metrics.completed.labels(result.status).inc()

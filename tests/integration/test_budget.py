@@ -21,7 +21,6 @@ from schemas.settings import Settings, load_settings
 from tests.conftest import free_port_block
 from vlmflow.stack import LocalStack
 from workers import budget as budget_module
-from workers.budget_scripts import GRANTED_CHANNEL, key_prefix
 from workers.budget import (
     WAITER_TTL_S,
     BudgetTimeout,
@@ -30,6 +29,7 @@ from workers.budget import (
     LeaseExpired,
     TokenBudget,
 )
+from workers.budget_scripts import GRANTED_CHANNEL, key_prefix
 
 SPAWN = multiprocessing.get_context("spawn")
 MAX_TTL_S = 5.0

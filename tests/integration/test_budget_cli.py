@@ -27,7 +27,7 @@ def serve_metrics(bodies: dict[str, str]) -> ThreadingHTTPServer:
     """An HTTP server on a free port answering each path with its body, as vLLM's /metrics does."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        def do_GET(self) -> None:
             body = bodies[self.path].encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")

@@ -1,4 +1,4 @@
-"""`streams.dedupe.SeenStore` on the real Redis: duplicates, redeliveries and repeated requests."""
+"""`streams.flywheel.dedupe.SeenStore` on the real Redis: duplicates, redeliveries and repeated requests."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from redis.asyncio import Redis
 
 from schemas.logs import Lineage
 from schemas.settings import Settings
-from streams.dedupe import SeenStore
-from streams.normalize import normalize
+from schemas.topics import Topic
+from streams.flywheel.dedupe import SeenStore
+from streams.flywheel.normalize import normalize
 
 
 def legacy(req_id: str, answer: str) -> bytes:
@@ -19,7 +20,7 @@ def legacy(req_id: str, answer: str) -> bytes:
 
 
 def at(offset: int) -> Lineage:
-    return Lineage(topic="vlm.logs.raw", partition=0, offset=offset)
+    return Lineage(topic=Topic.LOGS_RAW, partition=0, offset=offset)
 
 
 async def test_duplicates_redeliveries_and_tries(stack_settings: Settings) -> None:
@@ -36,7 +37,7 @@ async def test_duplicates_redeliveries_and_tries(stack_settings: Settings) -> No
         [again] = await store.sight([(first, at(0))])
         assert not again.is_duplicate_of(at(0)) and again.earlier_tries == 0, "a redelivery is not a duplicate"
         duplicate, retry = await store.sight([(resent, at(1)), (retried, at(2))])
-        assert duplicate.is_duplicate_of(at(1)) and duplicate.first_lineage == "vlm.logs.raw:0:0"
+        assert duplicate.is_duplicate_of(at(1)) and duplicate.first_lineage == f"{Topic.LOGS_RAW}:0:0"
         assert duplicate.earlier_tries == 1
         assert not retry.is_duplicate_of(at(2)) and retry.earlier_tries == 2
         assert [s.earlier_tries for s in await store.sight([(retried, at(2)), (first, at(0))])] == [2, 0]

@@ -18,14 +18,17 @@ from PIL import Image
 
 from schemas.cases import GoldenRecord
 from schemas.codec import encode
+from schemas.connections import object_store
 from schemas.logs import ImageInfo
 from schemas.settings import Settings
+from schemas.topics import Topic
 from vlmflow.cli import main
-from vlmflow.objectstore import object_store
 
 REPO = Path(__file__).resolve().parents[2]
-LLAMAFACTORY_PYTHON = Path(os.environ.get("VLMFLOW_LLAMAFACTORY_PYTHON", REPO / ".venv-llamafactory" / "bin" / "python"))
-CHECK = Path(__file__).with_name("llamafactory_check.py")
+LLAMAFACTORY_PYTHON = Path(
+    os.environ.get("VLMFLOW_LLAMAFACTORY_PYTHON", REPO / ".venv-llamafactory" / "bin" / "python")
+)
+CHECK = Path(__file__).parents[1] / "support" / "llamafactory_check.py"
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -44,23 +47,40 @@ def put(settings: Settings, bucket: str, key: str, data: bytes) -> str:
 def golden_records(images: list[str]) -> list[GoldenRecord]:
     """Detect, ground and extract records; `case-d0` twice, so only its version 2 may be exported."""
     records = [
-        GoldenRecord(record_id=f"case-d{i}", version=1, task="detect", prompt="Find every square.",
-                     images=[ImageInfo(uri=images[i % 6], width=96, height=64)],
-                     answer={"objects": [{"label": "square", "bbox_xyxy": [8.0, 8.0, 40.0 + i, 48.0]}]},
-                     source_log_id=f"log-d{i}")
+        GoldenRecord(
+            record_id=f"case-d{i}",
+            version=1,
+            task="detect",
+            prompt="Find every square.",
+            images=[ImageInfo(uri=images[i % 6], width=96, height=64)],
+            answer={"objects": [{"label": "square", "bbox_xyxy": [8.0, 8.0, 40.0 + i, 48.0]}]},
+            source_log_id=f"log-d{i}",
+        )
         for i in range(8)
     ]
     records.append(records[0].model_copy(update={"version": 2, "answer": {"objects": []}}))
     records += [
-        GoldenRecord(record_id=f"case-g{i}", version=1, task="ground", prompt="Where is the door?",
-                     images=[ImageInfo(uri=images[i])], answer={"bbox_xyxy": [10.0, 5.0, 30.0, 60.0]},
-                     source_log_id=f"log-g{i}")
+        GoldenRecord(
+            record_id=f"case-g{i}",
+            version=1,
+            task="ground",
+            prompt="Where is the door?",
+            images=[ImageInfo(uri=images[i])],
+            answer={"bbox_xyxy": [10.0, 5.0, 30.0, 60.0]},
+            source_log_id=f"log-g{i}",
+        )
         for i in range(4)
     ]
     records += [
-        GoldenRecord(record_id=f"case-x{i}", version=1, task="extract", prompt="Read the invoice total.",
-                     images=[ImageInfo(uri=images[5]), ImageInfo(uri=images[4])], answer={"total": 10.5 * i},
-                     source_log_id=f"log-x{i}")
+        GoldenRecord(
+            record_id=f"case-x{i}",
+            version=1,
+            task="extract",
+            prompt="Read the invoice total.",
+            images=[ImageInfo(uri=images[5]), ImageInfo(uri=images[4])],
+            answer={"total": 10.5 * i},
+            source_log_id=f"log-x{i}",
+        )
         for i in range(4)
     ]
     return records
@@ -86,28 +106,58 @@ def test_export_is_reproducible_and_loads_in_llamafactory(
 ) -> None:
     run = uuid.uuid4().hex[:8]
     images = [put(settings, "vlm-images", f"export-{run}/{i}.png", png(96 + 16 * i, 64, 30 * i)) for i in range(6)]
-    captions = "".join(json.dumps({"id": f"cap{i}", "prompt": "Describe the image.", "images": [images[i % 6]],
-                                   "answer": f"A blue and green picture, number {i}."}) + "\n" for i in range(16))
-    domain = "".join(json.dumps({"prompt": "Which part is shown?", "images": [{"uri": images[i]}],
-                                 "answer": f"Bracket type {i}."}) + "\n" for i in range(4))
+    captions = "".join(
+        json.dumps(
+            {
+                "id": f"cap{i}",
+                "prompt": "Describe the image.",
+                "images": [images[i % 6]],
+                "answer": f"A blue and green picture, number {i}.",
+            }
+        )
+        + "\n"
+        for i in range(16)
+    )
+    domain = "".join(
+        json.dumps({"prompt": "Which part is shown?", "images": [{"uri": images[i]}], "answer": f"Bracket type {i}."})
+        + "\n"
+        for i in range(4)
+    )
     bucket = settings.s3.dataset_bucket
     producer = KafkaProducer(**settings.kafka.client_options())
     for record in golden_records(images):
-        producer.send("vlm.golden", key=record.record_id.encode(), value=encode(record))
+        producer.send(Topic.GOLDEN, key=record.record_id.encode(), value=encode(record))
     producer.flush()
     producer.close()
     recipe = {
-        "name": "integration", "seed": 5, "eval_fraction": 0.25,
+        "name": "integration",
+        "seed": 5,
+        "eval_fraction": 0.25,
         "target": {"family": "qwen2-vl", "max_pixels": 200_704},
         "phases": {
-            "phase1": {"size": 20, "sources": [
-                {"name": "captions", "kind": "jsonl", "ratio": 8,
-                 "path": put(settings, bucket, f"sources-{run}/captions.jsonl", captions.encode())},
-                {"name": "domain", "kind": "jsonl", "ratio": 2,
-                 "path": put(settings, bucket, f"sources-{run}/domain.jsonl", domain.encode())}]},
-            "phase2": {"sources": [
-                {"name": "golden", "kind": "golden", "ratio": 8},
-                {"name": "negatives", "kind": "negatives", "of": "golden", "ratio": 2}]},
+            "phase1": {
+                "size": 20,
+                "sources": [
+                    {
+                        "name": "captions",
+                        "kind": "jsonl",
+                        "ratio": 8,
+                        "path": put(settings, bucket, f"sources-{run}/captions.jsonl", captions.encode()),
+                    },
+                    {
+                        "name": "domain",
+                        "kind": "jsonl",
+                        "ratio": 2,
+                        "path": put(settings, bucket, f"sources-{run}/domain.jsonl", domain.encode()),
+                    },
+                ],
+            },
+            "phase2": {
+                "sources": [
+                    {"name": "golden", "kind": "golden", "ratio": 8},
+                    {"name": "negatives", "kind": "negatives", "of": "golden", "ratio": 2},
+                ]
+            },
         },
     }
     recipe_path = tmp_path / "recipe.yaml"
@@ -127,7 +177,9 @@ def test_export_is_reproducible_and_loads_in_llamafactory(
     assert manifest["phases"]["phase1"]["train"]["by_source"] == {"captions": 16, "domain": 4}
     # Every golden record is used once (the natural size of 8:2 with 3 negatives per record); case-d0 only at
     # its version 2, and boxes on Qwen2-VL's 0–1000 grid.
-    phase2 = [json.loads(line) for split in ("train", "eval") for line in first[f"data/phase2_{split}.jsonl"].splitlines()]
+    phase2 = [
+        json.loads(line) for split in ("train", "eval") for line in first[f"data/phase2_{split}.jsonl"].splitlines()
+    ]
     answers = [json.loads(line["messages"][1]["content"]) for line in phase2]
     assert sum("refusal" not in answer for answer in answers) == 16
     assert {"objects": []} in answers
@@ -141,7 +193,9 @@ def test_export_is_reproducible_and_loads_in_llamafactory(
     checked = subprocess.run(
         [str(LLAMAFACTORY_PYTHON), str(CHECK), str(tmp_path / "one"), str(tmp_path / "work")],
         env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True, text=True, timeout=540,
+        capture_output=True,
+        text=True,
+        timeout=540,
     )
     assert checked.returncode == 0, checked.stderr[-4000:]
     loaded = json.loads(checked.stdout.strip().splitlines()[-1])

@@ -16,14 +16,15 @@ from schemas.cases import HardCase
 from schemas.codec import decode
 from schemas.logs import REJECT_CODES, Lineage, NormalizedLog, RejectedLog
 from schemas.settings import Settings
-from streams.mining import hard_case
-from streams.queue import CorrectionQueue
-from tests.flywheel_data import PlannedLog, mixed_raw_logs
-from tests.flywheel_worker import Records, produce, read_topics, streams_worker
+from schemas.topics import Topic
+from streams.flywheel.mining import hard_case
+from streams.review.queue import CorrectionQueue
+from tests.support.flywheel_data import PlannedLog, mixed_raw_logs
+from tests.support.flywheel_worker import Records, produce, read_topics, streams_worker
 
 LOG_COUNT = 5_000
 DEADLINE_S = 150.0
-NORMALIZED, REJECTED, HARD = "vlm.logs.normalized", "vlm.logs.rejected", "vlm.cases.hard"
+NORMALIZED, REJECTED, HARD = Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED, Topic.CASES_HARD
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,8 +57,11 @@ def oversized_log() -> PlannedLog:
 def test_flywheel_stream(settings: Settings, tmp_path: Path) -> None:
     unique = uuid.uuid4().hex[:8]
     settings = settings.model_copy(
-        update={"streams": settings.streams.model_copy(update={"app_id": f"flywheel-{unique}",
-                                                               "review_queue": f"test-{unique}"})}  # fmt: skip
+        update={
+            "streams": settings.streams.model_copy(
+                update={"app_id": f"flywheel-{unique}", "review_queue": f"test-{unique}"}
+            )
+        }  # fmt: skip
     )
     planned = produce(settings, [*mixed_raw_logs(LOG_COUNT - 1, seed=11), oversized_log()])
     worker_log = tmp_path / "streams.log"
@@ -120,5 +124,5 @@ def test_flywheel_stream(settings: Settings, tmp_path: Path) -> None:
 
 
 def _where(lineage: Lineage | None) -> tuple[int, int]:
-    assert lineage is not None and lineage.topic == "vlm.logs.raw"
+    assert lineage is not None and lineage.topic == Topic.LOGS_RAW
     return lineage.partition, lineage.offset

@@ -11,22 +11,23 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from schemas import JobResult, Settings, decode, encode
 from schemas.codec import key_of
-from vlmflow.objectstore import object_store
+from schemas.connections import object_store
+from schemas.topics import Topic
 
 
 def test_validated_message_round_trips_through_the_broker_with_key_and_headers(settings: Settings) -> None:
     result = JobResult(job_id="job-42", status="ok", task="caption", output={"caption": "a red button"})
     producer = KafkaProducer(**settings.kafka.client_options())
     sent = producer.send(
-        "vlm.jobs.result",
-        key=key_of("vlm.jobs.result", result),
+        Topic.JOBS_RESULT,
+        key=key_of(Topic.JOBS_RESULT, result),
         value=encode(result),
         headers=[("reply-to", b"team.results"), ("trace-id", b"abc")],
     ).get(timeout=10)
     producer.close()
 
     consumer = KafkaConsumer(**settings.kafka.client_options(), enable_auto_commit=False)
-    partition = TopicPartition("vlm.jobs.result", sent.partition)
+    partition = TopicPartition(Topic.JOBS_RESULT, sent.partition)
     consumer.assign([partition])
     consumer.seek(partition, sent.offset)
     records = []
@@ -38,7 +39,7 @@ def test_validated_message_round_trips_through_the_broker_with_key_and_headers(s
     record = records[0]
     assert record.key == b"job-42"
     assert dict(record.headers) == {"reply-to": b"team.results", "trace-id": b"abc"}
-    assert decode("vlm.jobs.result", record.value) == result
+    assert decode(Topic.JOBS_RESULT, record.value) == result
 
 
 def test_object_round_trips_through_the_s3_store(stack_settings: Settings) -> None:

@@ -11,11 +11,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas.codec import encode
+from schemas.connections import aiokafka_options, redis_client
 from schemas.jobs import JobResult
 from schemas.settings import Settings
-from tests.integration.worker_harness import ResultReader, submit, worker_settings
+from tests.support.worker_harness import ResultReader, submit, worker_settings
 from vlmflow.job_mix import JobMix, PlannedJob
-from workers.connections import aiokafka_options, redis_client
 from workers.engines.instant import InstantEngine
 from workers.idempotency import IdempotencyRecords
 from workers.metrics import JOBS_DUPLICATE

@@ -16,11 +16,11 @@ from kafka.structs import OffsetAndMetadata
 from schemas.codec import encode
 from schemas.jobs import JobResult
 from schemas.settings import Settings
-from tests.integration.ops_data import BASE_MS, cli_environment, create_topics, produce_known
+from schemas.topics import Topic
+from tests.support.ops_data import BASE_MS, cli_environment, create_topics, produce_known
 from vlmflow.cli import main
 
 VLMFLOW = str(Path(sys.executable).parent / "vlmflow")
-RESULTS = "vlm.jobs.result"
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,7 @@ def test_describe_shows_partitions_and_offsets(settings: Settings, capsys: pytes
     assert ends == {0: 101, 1: 101, 2: 100, 3: 100}
     assert lines[6].split() == ["total", "402"]
 
-    assert main(["topics", "describe", RESULTS]) == 0
+    assert main(["topics", "describe", Topic.JOBS_RESULT]) == 0
     assert "registry: key=job_id value=JobResult partitions=6" in capsys.readouterr().out
     assert main(["topics", "describe", "ops.nope"]) == 2
     assert "topic 'ops.nope' does not exist" in capsys.readouterr().err
@@ -78,13 +78,15 @@ def _results(settings: Settings) -> None:
     for number in range(5):
         result = JobResult(job_id=f"job-{number}", status="ok", output={"caption": "a cat"}, vision_tokens=999)
         producer.send(
-            RESULTS,
+            Topic.JOBS_RESULT,
             key=f"job-{number}".encode(),
             value=encode(result),
             partition=number % 3,
             timestamp_ms=BASE_MS + 1_000 * number,
         )
-    producer.send(RESULTS, key=b"broken", value=b'{"job_id": "job-x"}', partition=5, timestamp_ms=BASE_MS + 3_500)
+    producer.send(
+        Topic.JOBS_RESULT, key=b"broken", value=b'{"job_id": "job-x"}', partition=5, timestamp_ms=BASE_MS + 3_500
+    )
     producer.flush()
     producer.close()
 
@@ -93,10 +95,10 @@ def test_tail_shows_the_newest_records_decoded_with_their_schema(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _results(settings)
-    assert main(["topics", "tail", RESULTS, "--n", "3"]) == 0
+    assert main(["topics", "tail", Topic.JOBS_RESULT, "--n", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
-    assert lines[0].startswith("2023-11-14T22:13:23.000Z vlm.jobs.result[0]@1 key=job-3 JobResult {")
+    assert lines[0].startswith(f"2023-11-14T22:13:23.000Z {Topic.JOBS_RESULT}[0]@1 key=job-3 JobResult {{")
     assert '"job_id":"job-3","status":"ok"' in lines[0] and '"vision_tokens":999' in lines[0]
     assert "key=broken" in lines[1] and "INVALID (Field required at status)" in lines[1]
     assert "key=job-4" in lines[2]
@@ -106,7 +108,7 @@ def test_tail_follow_prints_records_as_they_arrive(settings: Settings, tmp_path:
     _results(settings)
     env = {**os.environ, **cli_environment(settings)}
     follower = subprocess.Popen(
-        [VLMFLOW, "topics", "tail", RESULTS, "--n", "1", "--follow"],
+        [VLMFLOW, "topics", "tail", Topic.JOBS_RESULT, "--n", "1", "--follow"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -117,7 +119,7 @@ def test_tail_follow_prints_records_as_they_arrive(settings: Settings, tmp_path:
         time.sleep(0.5)
         producer = KafkaProducer(**settings.kafka.client_options())
         late = JobResult(job_id="job-late", status="ok", output={"caption": "a dog"})
-        producer.send(RESULTS, key=b"job-late", value=encode(late))
+        producer.send(Topic.JOBS_RESULT, key=b"job-late", value=encode(late))
         producer.flush()
         producer.close()
         assert "key=job-late" in follower.stdout.readline()  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from schemas.settings import Settings
-from tests.integration.ops_data import BASE_MS, cli_environment, create_topics, produce_known
+from tests.support.ops_data import BASE_MS, cli_environment, create_topics, produce_known
 from vlmflow.cli import main
 
 TOPIC, GROUP = "ops.src", "ops-readers"

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from schemas.settings import Settings
-from streams.rate_limit import DEFAULT_SLACK_S
-from streams.replay import run_replay, start_replay
-from streams.replay_checkpoint import ReplayCounts, load_checkpoint, save_checkpoint
-from streams.replay_plan import ReplayRequest
-from tests.integration.ops_data import (
+from streams.ops.rate_limit import DEFAULT_SLACK_S
+from streams.ops.replay.checkpoint import ReplayCounts, load_checkpoint, save_checkpoint
+from streams.ops.replay.plan import ReplayRequest
+from streams.ops.replay.run import run_replay, start_replay
+from tests.support.ops_data import (
     BASE_MS,
     Sent,
     cli_environment,

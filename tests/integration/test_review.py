@@ -1,7 +1,7 @@
 """The correction queue on the real Redis, and the review round trip through the real broker:
 
 claim → the lease lapses → claimed again → submitted → exactly one golden record on `vlm.golden`, then a snapshot.
-The golden agent runs in a Faust worker of its own (tests/integration/golden_app.py) in a child process.
+The golden agent runs in a Faust worker of its own (tests/support/golden_app.py) in a child process.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,16 +26,18 @@ from redis.asyncio import Redis
 
 from schemas.cases import Correction, GoldenRecord, HardCase, Signal
 from schemas.codec import encode
+from schemas.connections import object_store
 from schemas.logs import ImageInfo, NormalizedLog
 from schemas.settings import Settings
-from streams.queue import ClaimLost, CorrectionQueue
-from tests.flywheel_worker import worker_env
-from tests.integration.ops_data import read_topic
+from schemas.topics import Topic
+from streams.review.queue import ClaimLost, CorrectionQueue
+from tests.support.flywheel_worker import worker_env
+from tests.support.ops_data import read_topic
+from tests.support.processes import stop_process
 from vlmflow.cli import main
-from vlmflow.objectstore import object_store
 
 pytestmark = pytest.mark.timeout(240)
-GOLDEN_APP = Path(__file__).with_name("golden_app.py")
+GOLDEN_APP = Path(__file__).parents[1] / "support" / "golden_app.py"
 ANSWER = {"objects": [{"label": "cat", "bbox_xyxy": [10.0, 20.0, 110.0, 220.0]}]}
 
 
@@ -54,8 +55,9 @@ def hard_case(name: str, priority: int, task: str = "detect") -> HardCase:
         feedback="negative",
     )
     signals = [Signal(name="negative_feedback", weight=priority / 100)]
-    return HardCase(case_id=f"case-{name}", log_id=log.log_id, score=priority / 100, priority=priority,
-                    signals=signals, log=log)
+    return HardCase(
+        case_id=f"case-{name}", log_id=log.log_id, score=priority / 100, priority=priority, signals=signals, log=log
+    )
 
 
 @pytest.fixture
@@ -119,17 +121,17 @@ def review_env(settings: Settings, queue_name: str) -> dict[str, str]:
 @contextmanager
 def golden_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, str(GOLDEN_APP)], env={**os.environ, **env}, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, str(GOLDEN_APP)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield process
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def golden_records(
@@ -138,7 +140,7 @@ def golden_records(
     """The records on vlm.golden once there are `want` of them."""
     deadline = time.monotonic() + timeout_s
     while True:
-        records = [GoldenRecord.model_validate_json(r.value) for r in read_topic(settings, "vlm.golden")]
+        records = [GoldenRecord.model_validate_json(r.value) for r in read_topic(settings, Topic.GOLDEN)]
         if len(records) >= want:
             return records
         problem = "the golden worker died" if worker.poll() is not None else None
@@ -204,12 +206,12 @@ def test_review_round_trip(
 
         # The same correction delivered again adds nothing; a changed answer becomes version 2 (same key, same
         # partition, so once it is there the duplicate before it has been handled).
-        (delivered,) = [Correction.model_validate_json(r.value) for r in read_topic(settings, "vlm.corrections.done")]
+        (delivered,) = [Correction.model_validate_json(r.value) for r in read_topic(settings, Topic.CORRECTIONS_DONE)]
         assert delivered.reviewer == "bob" and delivered.case == case
         changed = delivered.model_copy(update={"output": {"objects": []}})
         producer = KafkaProducer(**settings.kafka.client_options())
         for correction in (delivered, changed):
-            producer.send("vlm.corrections.done", key=case.case_id.encode(), value=encode(correction))
+            producer.send(Topic.CORRECTIONS_DONE, key=case.case_id.encode(), value=encode(correction))
         producer.flush()
         producer.close()
         records = golden_records(settings, 2, worker, log_path)
@@ -220,8 +222,10 @@ def test_review_round_trip(
         assert "golden snapshot: 1 records" in capsys.readouterr().out
         deadline = time.monotonic() + 30
         while True:
-            versions = [[line["version"] for line in lines if line["record_id"] == case.case_id]
-                        for lines in snapshots_holding(settings, case.case_id)]
+            versions = [
+                [line["version"] for line in lines if line["record_id"] == case.case_id]
+                for lines in snapshots_holding(settings, case.case_id)
+            ]
             assert all(len(held) == 1 for held in versions), versions
             if versions.count([2]) >= 2:
                 break
@@ -245,8 +249,9 @@ def test_suggest_pre_fills_and_a_person_confirms(
     case = hard_case(f"suggest-{queue_name}", 300)
     image = io.BytesIO()
     Image.new("RGB", (640, 480), (200, 30, 30)).save(image, format="PNG")
-    object_store(settings).put_object("vlm-images", f"{case.log.images[0].uri.split('/', 3)[3]}", io.BytesIO(
-        image.getvalue()), len(image.getvalue()))
+    object_store(settings).put_object(
+        "vlm-images", f"{case.log.images[0].uri.split('/', 3)[3]}", io.BytesIO(image.getvalue()), len(image.getvalue())
+    )
 
     async def enqueue() -> None:
         redis = Redis.from_url(settings.redis.url)
@@ -260,5 +265,5 @@ def test_suggest_pre_fills_and_a_person_confirms(
     claim = json.loads(capsys.readouterr().out)
     assert claim["suggestion"] == {"objects": []}
     assert main(["review", "submit", "--accept-suggestion", "--reviewer", "dana"]) == 0
-    (correction,) = [Correction.model_validate_json(r.value) for r in read_topic(settings, "vlm.corrections.done")]
+    (correction,) = [Correction.model_validate_json(r.value) for r in read_topic(settings, Topic.CORRECTIONS_DONE)]
     assert (correction.source, correction.reviewer, correction.output) == ("model", "dana", {"objects": []})

@@ -9,7 +9,8 @@ import urllib.request
 from pathlib import Path
 
 from schemas.settings import Settings
-from tests.integration.worker_harness import (
+from schemas.topics import Topic
+from tests.support.worker_harness import (
     BudgetSampler,
     ResultReader,
     mismatches,
@@ -46,7 +47,7 @@ async def test_200_jobs_get_exactly_200_results_each_as_planned(settings: Settin
             never_fits = [log.by_job()[job.job_id] for job in plan if job.kind == "never_fits"]
             assert all(result.timings.admission_ms < 1_000 for result in never_fits), "answered at once"
             retried = {job.job_id for job in plan if job.kind == "fetch_fails"}
-            dead_letters = await read_topic(settings, "vlm.jobs.dlq")
+            dead_letters = await read_topic(settings, Topic.JOBS_DLQ)
             assert {record.job.job_id for record in dead_letters} == retried
             assert {record.attempt for record in dead_letters} == {settings.worker.max_attempts}
             assert {log.by_job()[job_id].attempt for job_id in retried} == {settings.worker.max_attempts - 1}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from schemas.settings import Settings
-from tests.integration.worker_harness import BudgetSampler, ResultReader, mismatches, submit, worker_settings
+from tests.support.worker_harness import BudgetSampler, ResultReader, mismatches, submit, worker_settings
 from vlmflow.job_mix import JobMix
 from vlmflow.worker_process import WorkerProcess, engine_python
 from workers.tokens import image_tokens
@@ -76,7 +76,7 @@ async def test_jobs_through_vllm_get_one_result_each_as_planned(
 
 
 def size_of(uri: str, settings: Settings) -> tuple[int, int]:
-    from workers.connections import object_store
+    from schemas.connections import object_store
     from workers.images import load_image
 
     return load_image(uri, settings, object_store(settings)).size

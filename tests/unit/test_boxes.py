@@ -1,4 +1,4 @@
-"""`streams.boxes`: each source form to absolute xyxy pixels, and back to each model's convention."""
+"""`schemas.boxes`: each source form to absolute xyxy pixels, and back to each model's convention."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.boxes import (
+from schemas.boxes import (
     BoxError,
     from_xyxy,
     parse_qwen_box_text,

@@ -19,12 +19,12 @@ from schemas.cases import GoldenRecord
 from schemas.logs import ImageInfo
 from schemas.settings import load_settings
 from schemas.tasks import validate_answer
-from streams.export import ExportedImage, convert_boxes, export_dataset
-from streams.golden import snapshot_lines
-from streams.llamafactory import dataset_info, sharegpt_example, training_arguments
-from streams.mixing import Example, MixError, draw, mix, natural_size, quotas, seeded, split_by_task
-from streams.negatives import negatives
-from streams.recipe import Recipe, RecipeError, load_recipe
+from streams.dataset.export import ExportedImage, convert_boxes, export_dataset
+from streams.dataset.llamafactory import dataset_info, sharegpt_example, training_arguments
+from streams.dataset.mixing import Example, MixError, draw, mix, natural_size, quotas, seeded, split_by_task
+from streams.dataset.negatives import negatives
+from streams.dataset.recipe import Recipe, RecipeError, load_recipe
+from streams.flywheel.golden import snapshot_lines
 
 
 def example(example_id: str, task: str = "caption", source: str = "s", images: int = 1) -> Example:
@@ -77,15 +77,29 @@ def test_draw_repeats_evenly_and_mix_is_seeded() -> None:
 
 def test_negatives_are_refusals_valid_for_their_task() -> None:
     base = [
-        Example(example_id="x", source="golden", task="detect", prompt="Find cats.", images=[ImageInfo(uri="a")],
-                answer={"objects": [{"label": "cat", "bbox_xyxy": [1, 1, 2, 2]}]}),
-        Example(example_id="y", source="golden", task="extract", prompt="Read it.", images=[ImageInfo(uri="b")] * 2,
-                answer={"iban": "x", "vat_number": "y"}),
+        Example(
+            example_id="x",
+            source="golden",
+            task="detect",
+            prompt="Find cats.",
+            images=[ImageInfo(uri="a")],
+            answer={"objects": [{"label": "cat", "bbox_xyxy": [1, 1, 2, 2]}]},
+        ),
+        Example(
+            example_id="y",
+            source="golden",
+            task="extract",
+            prompt="Read it.",
+            images=[ImageInfo(uri="b")] * 2,
+            answer={"iban": "x", "vat_number": "y"},
+        ),
     ]
-    made = negatives(base, ["wrong_field", "missing_partition", "unsupported_capability"], source="neg",
-                     rng=random.Random(0))
-    assert [e.example_id for e in made] == [f"{i}~{k}" for i in "xy" for k in
-                                            ("wrong_field", "missing_partition", "unsupported_capability")]
+    made = negatives(
+        base, ["wrong_field", "missing_partition", "unsupported_capability"], source="neg", rng=random.Random(0)
+    )
+    assert [e.example_id for e in made] == [
+        f"{i}~{k}" for i in "xy" for k in ("wrong_field", "missing_partition", "unsupported_capability")
+    ]
     codes = Counter(e.answer["refusal"]["code"] for e in made)
     assert codes == {"unknown_field": 2, "missing_partition": 2, "unsupported_capability": 2}
     for negative in made:
@@ -101,7 +115,9 @@ def test_negatives_are_refusals_valid_for_their_task() -> None:
 def test_boxes_convert_to_each_model_convention() -> None:
     image = ExportedImage("images/a.png", 2000, 1000)
     answer = {"objects": [{"label": "cat", "bbox_xyxy": [200.0, 100.0, 1000.0, 1000.0]}]}
-    assert convert_boxes(answer, image, "qwen2-vl", 1_003_520) == {"objects": [{"label": "cat", "box_1000": [100, 100, 500, 1000]}]}
+    assert convert_boxes(answer, image, "qwen2-vl", 1_003_520) == {
+        "objects": [{"label": "cat", "box_1000": [100, 100, 500, 1000]}]
+    }
     # Qwen2.5-VL: pixels of the image the processor resizes to (here 1414x700 for max_pixels 1,003,520).
     assert convert_boxes(answer, image, "qwen2.5-vl", 1_003_520)["objects"][0]["bbox_2d"] == [140, 70, 700, 700]
 
@@ -120,13 +136,23 @@ def test_llamafactory_shapes() -> None:
     assert info["vlmflow_phase2_train"]["formatting"] == "sharegpt"
     assert info["vlmflow_phase2_train"]["columns"] == {"messages": "messages", "images": "images"}
     recipe = Recipe.model_validate(
-        {"name": "r", "seed": 1, "phases": {"phase1": {"sources": [{"name": "c", "kind": "jsonl", "path": "x", "ratio": 1}]},
-                                             "phase2": {"sources": [{"name": "g", "kind": "golden", "ratio": 1}]}},
-         "training": {"phase2": {"lora_rank": 8}}}
+        {
+            "name": "r",
+            "seed": 1,
+            "phases": {
+                "phase1": {"sources": [{"name": "c", "kind": "jsonl", "path": "x", "ratio": 1}]},
+                "phase2": {"sources": [{"name": "g", "kind": "golden", "ratio": 1}]},
+            },
+            "training": {"phase2": {"lora_rank": 8}},
+        }
     )
     phase1 = training_arguments(recipe, "phase1", has_eval=True, max_pixels=1_003_520)
     assert phase1["finetuning_type"] == "full"
-    assert (phase1["freeze_vision_tower"], phase1["freeze_multi_modal_projector"], phase1["freeze_language_model"]) == (True, False, True)
+    assert (phase1["freeze_vision_tower"], phase1["freeze_multi_modal_projector"], phase1["freeze_language_model"]) == (
+        True,
+        False,
+        True,
+    )
     assert phase1["eval_dataset"] == "vlmflow_phase1_eval"
     phase2 = training_arguments(recipe, "phase2", has_eval=False, max_pixels=1_003_520)
     assert phase2["finetuning_type"] == "lora" and phase2["lora_rank"] == 8 and phase2["template"] == "qwen2_vl"
@@ -136,8 +162,15 @@ def test_llamafactory_shapes() -> None:
 
 def test_recipe_errors_name_the_field(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "r", "seed": 1, "phases": {"phase2": {"sources": [
-        {"name": "n", "kind": "negatives", "of": "missing", "ratio": 1}]}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "seed": 1,
+                "phases": {"phase2": {"sources": [{"name": "n", "kind": "negatives", "of": "missing", "ratio": 1}]}},
+            }
+        )
+    )
     with pytest.raises(RecipeError, match="'of' must name a golden or jsonl source"):
         load_recipe(path)
     path.write_text("name: r\nseed: 1\nphases: {phase3: {sources: []}}\n")
@@ -150,33 +183,62 @@ def _write_inputs(root: Path) -> Path:
     (root / "img").mkdir(parents=True)
     for i in range(6):
         Image.new("RGB", (64 + 8 * i, 48), (i * 40, 0, 0)).save(root / "img" / f"{i}.png")
-    captions = [{"id": f"cap{i}", "prompt": "Describe the image.", "images": [f"img/{i % 6}.png"],
-                 "answer": f"A red square number {i}."} for i in range(12)]
-    domain = [{"prompt": "What part is this?", "images": [{"uri": f"img/{i}.png"}], "answer": f"Part {i}."}
-              for i in range(3)]
+    captions = [
+        {
+            "id": f"cap{i}",
+            "prompt": "Describe the image.",
+            "images": [f"img/{i % 6}.png"],
+            "answer": f"A red square number {i}.",
+        }
+        for i in range(12)
+    ]
+    domain = [
+        {"prompt": "What part is this?", "images": [{"uri": f"img/{i}.png"}], "answer": f"Part {i}."} for i in range(3)
+    ]
     (root / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in captions))
     (root / "domain.jsonl").write_text("".join(json.dumps(line) + "\n" for line in domain))
     records = [
-        GoldenRecord(record_id=f"case-{i:02d}", version=1, task="detect", prompt="Find the shapes.",
-                     images=[ImageInfo(uri=f"img/{i % 6}.png", width=64 + 8 * (i % 6), height=48)],
-                     answer={"objects": [{"label": "square", "bbox_xyxy": [4.0, 4.0, 20.0, 24.0]}]},
-                     source_log_id=f"log-{i}")
+        GoldenRecord(
+            record_id=f"case-{i:02d}",
+            version=1,
+            task="detect",
+            prompt="Find the shapes.",
+            images=[ImageInfo(uri=f"img/{i % 6}.png", width=64 + 8 * (i % 6), height=48)],
+            answer={"objects": [{"label": "square", "bbox_xyxy": [4.0, 4.0, 20.0, 24.0]}]},
+            source_log_id=f"log-{i}",
+        )
         for i in range(10)
     ] + [
-        GoldenRecord(record_id=f"case-x{i}", version=2, task="extract", prompt="Read the total.",
-                     images=[ImageInfo(uri="img/5.png")], answer={"total": i}, source_log_id=f"log-x{i}")
+        GoldenRecord(
+            record_id=f"case-x{i}",
+            version=2,
+            task="extract",
+            prompt="Read the total.",
+            images=[ImageInfo(uri="img/5.png")],
+            answer={"total": i},
+            source_log_id=f"log-x{i}",
+        )
         for i in range(4)
     ]
     (root / "golden.jsonl").write_bytes(snapshot_lines(records))
     recipe = {
-        "name": "unit", "seed": 11, "eval_fraction": 0.2,
+        "name": "unit",
+        "seed": 11,
+        "eval_fraction": 0.2,
         "phases": {
-            "phase1": {"size": 40, "sources": [
-                {"name": "captions", "kind": "jsonl", "path": "captions.jsonl", "ratio": 8},
-                {"name": "domain", "kind": "jsonl", "path": "domain.jsonl", "ratio": 2}]},
-            "phase2": {"sources": [
-                {"name": "golden", "kind": "golden", "path": "golden.jsonl", "ratio": 8},
-                {"name": "negatives", "kind": "negatives", "of": "golden", "ratio": 2}]},
+            "phase1": {
+                "size": 40,
+                "sources": [
+                    {"name": "captions", "kind": "jsonl", "path": "captions.jsonl", "ratio": 8},
+                    {"name": "domain", "kind": "jsonl", "path": "domain.jsonl", "ratio": 2},
+                ],
+            },
+            "phase2": {
+                "sources": [
+                    {"name": "golden", "kind": "golden", "path": "golden.jsonl", "ratio": 8},
+                    {"name": "negatives", "kind": "negatives", "of": "golden", "ratio": 2},
+                ]
+            },
         },
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -199,8 +261,11 @@ def test_a_whole_export_is_byte_identical_for_the_same_seed(tmp_path: Path) -> N
     assert _tree(tmp_path / "one") != _tree(tmp_path / "three")
 
     phases = first.manifest["phases"]
-    assert phases["phase1"]["train"] == {"examples": 40, "by_source": {"captions": 32, "domain": 8},
-                                         "by_task": {"caption": 40}}
+    assert phases["phase1"]["train"] == {
+        "examples": 40,
+        "by_source": {"captions": 32, "domain": 8},
+        "by_task": {"caption": 40},
+    }
     # Golden: 10 detect → 2 eval, 4 extract → 1 eval; each part's negatives are made from that part alone. The
     # natural size takes every golden train record once: 14 = 11 golden + 3 negatives (8:2 rounded).
     assert phases["phase2"]["train"]["by_source"] == {"golden": 11, "negatives": 3}
@@ -216,6 +281,11 @@ def test_a_whole_export_is_byte_identical_for_the_same_seed(tmp_path: Path) -> N
             assert all(0 <= value <= 1000 for value in answer["objects"][0]["box_1000"])
     assert sum("refusal" in json.loads(line["messages"][1]["content"]) for line in lines) >= 1
     info = json.loads((tmp_path / "one" / "dataset_info.json").read_text())
-    assert sorted(info) == ["vlmflow_phase1_eval", "vlmflow_phase1_train", "vlmflow_phase2_eval", "vlmflow_phase2_train"]
+    assert sorted(info) == [
+        "vlmflow_phase1_eval",
+        "vlmflow_phase1_train",
+        "vlmflow_phase2_eval",
+        "vlmflow_phase2_train",
+    ]
     phase2 = yaml.safe_load((tmp_path / "one" / "phase2.yaml").read_text())
     assert phase2["dataset"] == "vlmflow_phase2_train" and phase2["dataset_dir"] == "."

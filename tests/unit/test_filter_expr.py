@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.filter_expr import (
+from streams.ops.filter_expr import (
     COMPARE_OPS,
     And,
     Compare,

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 from schemas import TOPICS
 from schemas.export import export_json_schemas
-from tests.unit.samples import SAMPLES
+from schemas.topics import Topic
+from tests.support.samples import SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +38,15 @@ def test_schema_is_valid_and_accepts_the_sample(exported: dict[str, dict], topic
 @pytest.mark.parametrize(
     ("topic_name", "mutate"),
     [
-        ("vlm.jobs.image", lambda v: v.pop("job_id")),
-        ("vlm.jobs.image", lambda v: v.update(task="paint")),
-        ("vlm.jobs.image", lambda v: v.update(images="s3://b/k")),
-        ("vlm.jobs.image", lambda v: v.update(unexpected=1)),
-        ("vlm.jobs.result", lambda v: v.update(status="maybe")),
-        ("vlm.jobs.result", lambda v: v.update(vision_tokens=-1)),
-        ("vlm.logs.normalized", lambda v: v.update(feedback="meh")),
-        ("vlm.cases.hard", lambda v: v.update(priority="high")),
-        ("vlm.golden", lambda v: v.update(version=0)),
+        (Topic.JOBS_IMAGE, lambda v: v.pop("job_id")),
+        (Topic.JOBS_IMAGE, lambda v: v.update(task="paint")),
+        (Topic.JOBS_IMAGE, lambda v: v.update(images="s3://b/k")),
+        (Topic.JOBS_IMAGE, lambda v: v.update(unexpected=1)),
+        (Topic.JOBS_RESULT, lambda v: v.update(status="maybe")),
+        (Topic.JOBS_RESULT, lambda v: v.update(vision_tokens=-1)),
+        (Topic.LOGS_NORMALIZED, lambda v: v.update(feedback="meh")),
+        (Topic.CASES_HARD, lambda v: v.update(priority="high")),
+        (Topic.GOLDEN, lambda v: v.update(version=0)),
     ],
 )
 def test_schema_rejects_invalid_values(exported: dict[str, dict], topic_name: str, mutate) -> None:

@@ -1,4 +1,4 @@
-"""`streams.mining`: each signal, weights from config, the threshold and the priority."""
+"""`streams.flywheel.mining`: each signal, weights from config, the threshold and the priority."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from schemas.logs import ImageInfo, NormalizedLog
 from schemas.settings import MiningSettings
-from streams.mining import hard_case, priority, signals
+from streams.flywheel.mining import hard_case, priority, signals
 
 CONFIG = MiningSettings()
 GOOD = NormalizedLog(

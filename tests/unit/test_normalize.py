@@ -1,4 +1,4 @@
-"""`streams.normalize`: every documented source variant by example, and arbitrary JSON by property."""
+"""`streams.flywheel.normalize`: every documented source variant by example, and arbitrary JSON by property."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from schemas.errors import InvalidLog
 from schemas.jobs import ImageJob, JobError, JobResult, Timings
 from schemas.logs import JobEvent, Lineage, NormalizedLog
-from streams.normalize import normalize, raw_log_id
-from streams.pii import redact_log
+from schemas.topics import Topic
+from streams.flywheel.normalize import normalize, raw_log_id
+from streams.flywheel.pii import redact_log
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EPOCH = int(T.timestamp())
@@ -28,8 +29,13 @@ def chat(**overrides: Any) -> dict[str, Any]:
         "request": {
             "model": "qwen2-vl-7b",
             "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "find cats"},
-                                             {"type": "image_url", "image_url": {"url": IMAGE}}]},  # fmt: skip
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "find cats"},
+                        {"type": "image_url", "image_url": {"url": IMAGE}},
+                    ],
+                },  # fmt: skip
             ],
         },
         "response": {
@@ -75,7 +81,7 @@ def code_of(raw: Any) -> str:
 
 
 def test_openai_chat_fields() -> None:
-    lineage = Lineage(topic="vlm.logs.raw", partition=2, offset=7)
+    lineage = Lineage(topic=Topic.LOGS_RAW, partition=2, offset=7)
     log = normalize(chat(), lineage=lineage)
     assert log.source_format == "openai-chat"
     assert log.request_id == "chatcmpl-1"
@@ -410,8 +416,11 @@ ANSWER_TEXT = st.one_of(
     st.text(max_size=60),
     JSON.map(json.dumps),
     JSON.map(lambda value: f"Here you go:\n```json\n{json.dumps(value)}\n```"),
-    st.builds(lambda k, box: json.dumps({"objects": [{"label": "x", k: box}]}),
-              st.sampled_from(["bbox_2d", "bbox", "box", "box_1000", "bbox_xyxy"]), JSON),  # fmt: skip
+    st.builds(
+        lambda k, box: json.dumps({"objects": [{"label": "x", k: box}]}),
+        st.sampled_from(["bbox_2d", "bbox", "box", "box_1000", "bbox_xyxy"]),
+        JSON,
+    ),  # fmt: skip
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.offsets import PlannedOffset, ResetError, ResetTarget, plan_offsets
+from streams.ops.reset import PlannedOffset, ResetError, ResetTarget, plan_offsets
 
 BEGIN = {0: 5, 1: 0}
 END = {0: 100, 1: 40}

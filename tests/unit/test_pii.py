@@ -1,4 +1,4 @@
-"""`streams.pii`: emails, phone numbers and long digit runs are redacted; dates, times and boxes are not."""
+"""`streams.flywheel.pii`: emails, phone numbers and long digit runs are redacted; dates, times and boxes are not."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas.logs import ImageInfo, NormalizedLog
-from streams.pii import redact_log, redact_text, redact_value
+from streams.flywheel.pii import redact_log, redact_text, redact_value
 
 
 @pytest.mark.parametrize(

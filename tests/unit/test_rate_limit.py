@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.rate_limit import RateError, RateLimiter, parse_rate
+from streams.ops.rate_limit import RateError, RateLimiter, parse_rate
 
 
 def _send_times(limiter: RateLimiter, gaps: list[float]) -> list[float]:

@@ -1,4 +1,4 @@
-"""`streams.rules`: declarative filter rules from YAML, each test and combination, and clear errors."""
+"""`streams.flywheel.rules`: declarative filter rules from YAML, each test and combination, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from schemas.logs import ImageInfo, NormalizedLog
-from streams.rules import RulesError, load_rules, lookup, parse_rules
+from streams.flywheel.rules import RulesError, load_rules, lookup, parse_rules
 
 LOG = NormalizedLog(
     log_id="log-1",

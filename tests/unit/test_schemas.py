@@ -11,7 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import TOPICS, ImageJob, InvalidMessage, JobResult, decode, encode
 from schemas.codec import key_of, to_json
-from tests.unit.samples import JOB, SAMPLES
+from schemas.topics import Topic
+from tests.support.samples import JOB, SAMPLES
 
 
 def _bytes(value: object) -> bytes:
@@ -33,16 +34,16 @@ def test_sample_round_trips_through_the_codec(topic_name: str) -> None:
 
 
 def test_key_comes_from_the_registry_key_field() -> None:
-    assert key_of("vlm.jobs.image", JOB) == b"job-1"
-    assert key_of("vlm.jobs.retry", SAMPLES["vlm.jobs.retry"]) == b"job-1"
+    assert key_of(Topic.JOBS_IMAGE, JOB) == b"job-1"
+    assert key_of(Topic.JOBS_RETRY, SAMPLES[Topic.JOBS_RETRY]) == b"job-1"
 
 
 def test_unknown_field_is_rejected_naming_topic_and_field() -> None:
     raw = json.loads(encode(JOB))
     raw["colour"] = "red"
     with pytest.raises(InvalidMessage) as caught:
-        decode("vlm.jobs.image", json.dumps(raw))
-    assert caught.value.topic == "vlm.jobs.image"
+        decode(Topic.JOBS_IMAGE, json.dumps(raw))
+    assert caught.value.topic == Topic.JOBS_IMAGE
     assert caught.value.field == "colour"
     assert caught.value.code == "invalid_message"
 
@@ -51,20 +52,20 @@ def test_newer_schema_version_is_rejected() -> None:
     raw = json.loads(encode(JOB))
     raw["schema_version"] = 99
     with pytest.raises(InvalidMessage, match="newer than this reader supports"):
-        decode("vlm.jobs.image", json.dumps(raw))
+        decode(Topic.JOBS_IMAGE, json.dumps(raw))
 
 
 def test_oversize_payload_has_its_own_code() -> None:
     with pytest.raises(InvalidMessage) as caught:
-        decode("vlm.jobs.image", encode(JOB), max_bytes=10)
+        decode(Topic.JOBS_IMAGE, encode(JOB), max_bytes=10)
     assert caught.value.code == "payload_too_large"
 
 
 def test_not_json_and_tombstone_are_rejected() -> None:
     with pytest.raises(InvalidMessage, match="not JSON"):
-        decode("vlm.jobs.image", b"\xff\x00garbage")
+        decode(Topic.JOBS_IMAGE, b"\xff\x00garbage")
     with pytest.raises(InvalidMessage, match="tombstone"):
-        decode("vlm.jobs.image", None)
+        decode(Topic.JOBS_IMAGE, None)
 
 
 def test_job_rules() -> None:

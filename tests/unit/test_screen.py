@@ -1,4 +1,4 @@
-"""`streams.screen` and the pure half of `streams.dedupe`: what the raw-log agent decides for one record."""
+"""`streams.flywheel.screen` and the pure half of `streams.flywheel.dedupe`: what the raw-log agent decides."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import json
 
 from schemas.logs import Lineage, NormalizedLog, RejectedLog
 from schemas.settings import StreamsSettings
-from streams.dedupe import content_hash, lineage_text, request_fingerprint
-from streams.normalize import normalize
-from streams.rules import RuleSet
-from streams.screen import MAX_ORIGINAL_CHARS, ScreenConfig, screen
+from schemas.topics import Topic
+from streams.flywheel.dedupe import content_hash, lineage_text, request_fingerprint
+from streams.flywheel.normalize import normalize
+from streams.flywheel.rules import RuleSet
+from streams.flywheel.screen import MAX_ORIGINAL_CHARS, ScreenConfig, screen
 
 CONFIG = ScreenConfig.from_settings(StreamsSettings(label_synonyms={"kitty": "cat"}))
-LINEAGE = Lineage(topic="vlm.logs.raw", partition=1, offset=9)
+LINEAGE = Lineage(topic=Topic.LOGS_RAW, partition=1, offset=9)
 
 
 def legacy(**overrides: object) -> bytes:
@@ -74,4 +75,4 @@ def test_content_hash_and_request_fingerprint() -> None:
     other_tenant = normalize(legacy(req_id="r-4", app="claims"))
     assert content_hash(first) == content_hash(resent) == content_hash(other_tenant) != content_hash(other_answer)
     assert request_fingerprint(first) == request_fingerprint(other_answer) != request_fingerprint(other_tenant)
-    assert lineage_text(LINEAGE) == "vlm.logs.raw:1:9"
+    assert lineage_text(LINEAGE) == f"{Topic.LOGS_RAW}:1:9"

@@ -1,4 +1,4 @@
-"""`streams.app` and `vlmflow streams` without a broker: the agents it wires, Kafka security, one-line errors."""
+"""`streams.flywheel.app` and `vlmflow streams` without a broker: the agents, Kafka security, one-line errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import faust
 import pytest
 
 from schemas.settings import KafkaSettings, load_settings
-from streams.app import _credentials, create_app
+from streams.flywheel.app import _credentials, create_app
 from vlmflow.cli import main
 
 
@@ -23,8 +23,9 @@ def test_the_app_has_every_flywheel_agent(tmp_path: Path) -> None:
 def test_kafka_security_in_faust_terms(tmp_path: Path) -> None:
     assert _credentials(KafkaSettings()) is None
     sasl = _credentials(
-        KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512", sasl_username="u",
-                      sasl_password="p")  # type: ignore[arg-type]  # fmt: skip
+        KafkaSettings(
+            security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512", sasl_username="u", sasl_password="p"
+        )  # type: ignore[arg-type]  # fmt: skip
     )
     assert isinstance(sasl, faust.SASLCredentials)
     assert (sasl.username, sasl.password, sasl.mechanism.value, sasl.ssl_context) == ("u", "p", "SCRAM-SHA-512", None)

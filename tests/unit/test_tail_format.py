@@ -8,7 +8,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from schemas.codec import encode
 from schemas.jobs import JobError, JobResult
-from streams.tail import format_record
+from schemas.topics import Topic
+from streams.ops.tail import format_record
 
 
 def _record(topic: str, value: bytes | None, *, key: bytes | None = b"job-1", headers=()) -> ConsumerRecord:  # type: ignore[no-untyped-def]
@@ -17,15 +18,17 @@ def _record(topic: str, value: bytes | None, *, key: bytes | None = b"job-1", he
 
 def test_a_registry_record_is_shown_as_its_model_without_defaults() -> None:
     result = JobResult(job_id="job-1", status="error", error=JobError(code="image_undecodable", message="bad bytes"))
-    line = format_record(_record("vlm.jobs.result", encode(result), headers=[("reply-to", b"x")]))
-    assert line.startswith("2024-05-01T12:00:00.000Z vlm.jobs.result[2]@17 key=job-1 headers={reply-to=x} JobResult ")
+    line = format_record(_record(Topic.JOBS_RESULT, encode(result), headers=[("reply-to", b"x")]))
+    assert line.startswith(
+        f"2024-05-01T12:00:00.000Z {Topic.JOBS_RESULT}[2]@17 key=job-1 headers={{reply-to=x}} JobResult "
+    )
     shown = json.loads(line.split(" JobResult ", 1)[1])
     assert shown["status"] == "error" and shown["error"]["code"] == "image_undecodable"
     assert "vision_tokens" not in shown
 
 
 def test_a_record_that_does_not_decode_says_why() -> None:
-    line = format_record(_record("vlm.jobs.result", b'{"job_id":"job-1"}'))
+    line = format_record(_record(Topic.JOBS_RESULT, b'{"job_id":"job-1"}'))
     assert "INVALID (Field required at status)" in line
 
 

@@ -51,7 +51,11 @@ def test_extract_uses_the_job_schema_with_its_defs() -> None:
 @pytest.mark.parametrize(
     ("task", "answer", "message"),
     [
-        ("detect", {"objects": [{"label": "cat", "bbox_xyxy": [1, 2, 3]}]}, r"\$\.objects\[0\]\.bbox_xyxy: .* too short"),
+        (
+            "detect",
+            {"objects": [{"label": "cat", "bbox_xyxy": [1, 2, 3]}]},
+            r"\$\.objects\[0\]\.bbox_xyxy: .* too short",
+        ),
         ("detect", {"objects": [{"label": "cat", "bbox_xyxy": [9, 2, 3, 4]}]}, "x1 > x2"),
         ("detect", {"objects": [{"label": "", "bbox_xyxy": [1, 2, 3, 4]}]}, r"\.label"),
         ("detect", {"objects": [{"label": "cat", "bbox_xyxy": [-1, 2, 3, 4]}]}, "minimum of 0"),

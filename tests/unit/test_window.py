@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.window import (
+from streams.ops.window import (
     OffsetRange,
     TimeWindow,
     WindowError,

@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from streams.filter_expr import FilterError
-from streams.replay_plan import ReplayError, ReplayRequest, check_replay_id, new_replay_id, plan_replay
-from streams.window import OffsetRange, WindowError
+from streams.cluster import OffsetRange
+from streams.ops.filter_expr import FilterError
+from streams.ops.replay.plan import ReplayError, ReplayRequest, check_replay_id, new_replay_id, plan_replay
+from streams.ops.window import WindowError
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 PARTITIONS = [0, 1, 2, 3]

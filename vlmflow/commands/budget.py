@@ -74,11 +74,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 @asynccontextmanager
 async def _budget(settings: Settings) -> AsyncIterator[TokenBudget]:
-    from redis.asyncio import Redis
-
+    from schemas.connections import redis_client
     from workers.budget import TokenBudget
 
-    redis = Redis.from_url(settings.redis.url, socket_connect_timeout=3, socket_timeout=3)
+    redis = redis_client(settings)
     try:
         budget = settings.budget
         yield TokenBudget(redis, budget.pool, budget.capacity, budget.lease_ttl_s)

@@ -13,15 +13,13 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
-
+    from schemas.connections import object_store, redis_client_sync
     from vlmflow.kafka_admin import admin_client
-    from vlmflow.objectstore import object_store
 
     with admin_client(settings) as admin:
         topics = admin.list_topics()
     print(f"kafka  ok  {settings.kafka.bootstrap_servers} ({len(topics)} topics)")
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=3, socket_connect_timeout=3)
+    client = redis_client_sync(settings)
     try:
         client.ping()
     finally:

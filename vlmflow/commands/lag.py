@@ -14,7 +14,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.lag import group_lags, render_lag
+    from streams.ops.lag import group_lags, render_lag
     from vlmflow.kafka_admin import admin_client
 
     with admin_client(settings) as admin:

@@ -8,7 +8,7 @@ import sys
 from datetime import UTC, datetime
 
 from schemas.settings import Settings
-from streams.window import TIME_HELP
+from streams.ops.window import TIME_HELP
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
@@ -32,8 +32,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from streams.cluster import describe_group
-    from streams.offsets import ResetTarget, apply_reset, plan_reset, render_plan
-    from streams.window import parse_time
+    from streams.ops.reset import ResetTarget, apply_reset, plan_reset, render_plan
+    from streams.ops.window import parse_time
     from vlmflow.kafka_admin import admin_client
 
     if args.to_datetime is not None:

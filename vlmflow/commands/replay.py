@@ -1,5 +1,5 @@
 """`vlmflow replay`: copy a window of a topic, by time or by offset, into a topic; resumable, rate-limited, with a
-dry run. The design (what makes the window exact and a resume send nothing twice) is in streams/replay.py."""
+dry run. The design (what makes the window exact and a resume send nothing twice) is in streams/ops/replay/run.py."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from schemas.settings import Settings
-from streams.window import TIME_HELP
+from streams.ops.window import TIME_HELP
 
 if TYPE_CHECKING:
-    from streams.replay_checkpoint import ReplayCheckpoint
+    from streams.ops.replay.checkpoint import ReplayCheckpoint
 
 REQUEST_OPTIONS = (
     "source",
@@ -52,9 +52,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from streams.rate_limit import parse_rate
-    from streams.replay import run_replay
-    from streams.replay_checkpoint import ReplayCounts
+    from streams.ops.rate_limit import parse_rate
+    from streams.ops.replay.checkpoint import ReplayCounts
+    from streams.ops.replay.run import run_replay
 
     now = datetime.now(UTC)
     rate = parse_rate(args.rate) if args.rate else None
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if counts.not_json:
         skipped += f" ({counts.not_json:,} not JSON)"
     if outcome.dry_run:
-        from streams.tail import format_record
+        from streams.ops.tail import format_record
 
         print(f"dry run: {plan.describe()}")
         print(f"would send {counts.sent:,} of {counts.scanned:,} records read ({skipped}); nothing was written")
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _request_fields(args: argparse.Namespace) -> dict[str, object]:
-    from streams.window import parse_partition_list
+    from streams.ops.window import parse_partition_list
 
     fields = {name: getattr(args, name) for name in REQUEST_OPTIONS}
     if args.partitions is not None:
@@ -111,8 +111,8 @@ def _request_fields(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _started(args: argparse.Namespace, settings: Settings, now: datetime) -> ReplayCheckpoint:
-    from streams.replay import start_replay
-    from streams.replay_plan import ReplayError, ReplayRequest
+    from streams.ops.replay.plan import ReplayError, ReplayRequest
+    from streams.ops.replay.run import start_replay
     from vlmflow.kafka_admin import admin_client
 
     fields = _request_fields(args)
@@ -127,8 +127,8 @@ def _started(args: argparse.Namespace, settings: Settings, now: datetime) -> Rep
 
 def _resumed(args: argparse.Namespace, settings: Settings) -> ReplayCheckpoint:
     """The checkpoint of `--resume ID`; window options given as well must be the ones it was started with."""
-    from streams.replay_checkpoint import load_checkpoint
-    from streams.replay_plan import ReplayError
+    from streams.ops.replay.checkpoint import load_checkpoint
+    from streams.ops.replay.plan import ReplayError
 
     checkpoint = load_checkpoint(settings, args.resume)
     asked = checkpoint.plan.request.model_dump()

@@ -15,15 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from schemas.cases import Correction, HardCase
+from schemas.cases import Correction, CorrectionSource
 from schemas.codec import encode, key_of
 from schemas.errors import VlmflowError
 from schemas.settings import Settings
-from schemas.tasks import MODEL_BOX_FIELD, task_schema
-from streams.queue import Claim, CorrectionQueue
+from schemas.topics import Topic
+from streams.review.queue import Claim, CorrectionQueue
+from streams.review.suggest import suggest_answer
 from workers.engines.factory import build_engine
-
-CORRECTIONS = "vlm.corrections.done"
 
 
 class ReviewError(VlmflowError):
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.connections import redis_client
+    from schemas.connections import redis_client
 
     redis = redis_client(settings)
     try:
@@ -164,7 +163,7 @@ def _read_json(source: str) -> Any:
 async def _publisher(settings: Settings) -> Any:
     from aiokafka import AIOKafkaProducer
 
-    from workers.connections import aiokafka_options
+    from schemas.connections import aiokafka_options
 
     producer = AIOKafkaProducer(**aiokafka_options(settings.kafka), acks="all")
     await producer.start()
@@ -172,9 +171,10 @@ async def _publisher(settings: Settings) -> Any:
 
 
 async def _submit(args: argparse.Namespace, settings: Settings, queue: CorrectionQueue) -> int:
-    from streams.review import submit_correction
+    from streams.review.submit import submit_correction
 
     case_id, token = _claim_ids(args, settings)
+    source: CorrectionSource
     if args.accept_suggestion:
         claim = await queue.renew(case_id, token, settings.streams.review_lease_s)
         if claim.suggestion is None:
@@ -186,7 +186,9 @@ async def _submit(args: argparse.Namespace, settings: Settings, queue: Correctio
     producer = await _publisher(settings)
 
     async def publish(correction: Correction) -> None:
-        await producer.send_and_wait(CORRECTIONS, key=key_of(CORRECTIONS, correction), value=encode(correction))
+        await producer.send_and_wait(
+            Topic.CORRECTIONS_DONE, key=key_of(Topic.CORRECTIONS_DONE, correction), value=encode(correction)
+        )
 
     try:
         correction = await submit_correction(
@@ -203,7 +205,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, queue: Correctio
     finally:
         await producer.stop()
     _claim_file(settings, args.reviewer).unlink(missing_ok=True)
-    print(f"submitted {correction.case_id} ({correction.task}, {correction.source}) to {CORRECTIONS}")
+    print(f"submitted {correction.case_id} ({correction.task}, {correction.source}) to {Topic.CORRECTIONS_DONE}")
     return 0
 
 
@@ -218,37 +220,10 @@ async def _stats(args: argparse.Namespace, queue: CorrectionQueue) -> int:
     return 0
 
 
-async def suggest_answer(engine: Any, case: HardCase, settings: Settings, store: Any) -> dict[str, Any]:
-    """Ask `engine` for the case's answer, constrained to its task's schema in the model's box convention, and
-    bring boxes back to absolute pixels of the original image (the convention corrections are written in)."""
-    from streams.model_output import normalize_objects
-    from workers.engines.base import EngineRequest
-    from workers.images import load_images
-
-    log = case.log
-    if log.task is None or log.task == "extract":
-        raise ReviewError(f"case {case.case_id}: no fixed task schema to suggest with (task {log.task!r})")
-    images = await load_images([image.uri for image in log.images], settings, store)
-    schema = task_schema(log.task, box_field=MODEL_BOX_FIELD[settings.model.family])
-    output = await engine.generate(EngineRequest(prompt=log.prompt, images=[i.image for i in images], json_schema=schema))
-    if not isinstance(output.parsed_json, dict):
-        raise ReviewError(f"case {case.case_id}: the model's answer is no JSON object")
-    first = images[0].image if images else None
-    answer, problems = normalize_objects(
-        output.parsed_json,
-        width=first.width if first else None,
-        height=first.height if first else None,
-        synonyms=settings.streams.label_synonyms,
-    )
-    if problems or not isinstance(answer, dict):
-        raise ReviewError(f"case {case.case_id}: the model's boxes cannot be read: {'; '.join(problems)}")
-    return answer
-
-
 async def _suggest(args: argparse.Namespace, settings: Settings, queue: CorrectionQueue) -> int:
     from tqdm import tqdm
 
-    from workers.connections import object_store
+    from schemas.connections import object_store
 
     todo = [case for case, suggestion in await queue.peek(args.limit) if suggestion is None]
     if not todo:

@@ -6,7 +6,7 @@ import argparse
 
 from schemas.errors import VlmflowError
 from schemas.settings import Settings
-from schemas.topics import TOPICS
+from schemas.topics import TOPICS, Topic
 
 
 class StreamsNotReady(VlmflowError):
@@ -17,7 +17,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     streams = subcommands.add_parser(
         "streams",
         help="run the flywheel worker: normalize, filter, dedupe, redact, mine hard cases",
-        description="Consumes vlm.logs.raw and vlm.logs.normalized as group VLMFLOW_STREAMS__APP_ID; logs its "
+        description=f"Consumes {Topic.LOGS_RAW} and {Topic.LOGS_NORMALIZED} as group VLMFLOW_STREAMS__APP_ID; logs its "
         "counts every VLMFLOW_STREAMS__PROGRESS_INTERVAL_S seconds. Stop with Ctrl-C or SIGTERM.",
     )
     streams.add_argument("--loglevel", default="info", choices=("debug", "info", "warning", "error"))
@@ -26,8 +26,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 def _preflight(settings: Settings) -> None:
     """Fail with one line before Faust starts: Kafka unreachable, topics missing, Redis unreachable."""
-    import redis
-
+    from schemas.connections import redis_client_sync
     from vlmflow.kafka_admin import admin_client
 
     with admin_client(settings) as admin:
@@ -35,7 +34,7 @@ def _preflight(settings: Settings) -> None:
     if missing:
         raise StreamsNotReady(f"topics missing on {settings.kafka.bootstrap_servers}: {', '.join(missing)} "
                               "(run `vlmflow topics create`)")  # fmt: skip
-    client = redis.Redis.from_url(settings.redis.url, socket_connect_timeout=5, socket_timeout=5)
+    client = redis_client_sync(settings)
     try:
         client.ping()
     finally:
@@ -45,7 +44,7 @@ def _preflight(settings: Settings) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import faust
 
-    from streams.app import create_app
+    from streams.flywheel.app import create_app
 
     app = create_app(settings)
     _preflight(settings)

@@ -14,9 +14,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas.base import utc_now
-from schemas.errors import VlmflowError
+from schemas.errors import VlmflowError, first_error
 from schemas.jobs import TASKS, ImageJob
 from schemas.settings import Settings
+from schemas.topics import Topic
 
 REMOTE_PREFIXES = ("s3://", "data:", "http://", "https://")
 
@@ -27,12 +28,12 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     submit.add_argument("--task", required=True, choices=TASKS)
     submit.add_argument("--prompt", help="extra instruction; for `ground`, the element to find")
     submit.add_argument("--schema", type=Path, help="JSON Schema file of the answer (task `extract`)")
-    submit.add_argument("--reply-to", help="a topic that gets the results as well as vlm.jobs.result")
+    submit.add_argument("--reply-to", help=f"a topic that gets the results as well as {Topic.JOBS_RESULT}")
     submit.add_argument("--deadline", type=float, metavar="SECONDS", help="answer deadline_exceeded after this")
     submit.add_argument("--wait", action="store_true", help="print each job's result as a JSON line when it comes")
     submit.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits for all results")
     submit.set_defaults(func=run_submit)
-    results = subcommands.add_parser("results", help="print the results on vlm.jobs.result as JSON lines")
+    results = subcommands.add_parser("results", help=f"print the results on {Topic.JOBS_RESULT} as JSON lines")
     results.add_argument("--follow", action="store_true", help="keep printing new results until Ctrl-C")
     results.set_defaults(func=run_results)
 
@@ -78,9 +79,8 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> list[ImageJob]:
             for image in args.images
         ]
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "job"
-        raise VlmflowError(f"invalid job: {where}: {first['msg']}") from None
+        where, message = first_error(exc, top="job")
+        raise VlmflowError(f"invalid job: {where}: {message}") from None
 
 
 async def _submit(settings: Settings, jobs: list[ImageJob], wait: bool, timeout_s: float) -> int:

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{name:<22} {'created' if name in created else 'exists'}")
         return 0
     if args.action == "describe":
-        from streams.describe import describe_topic, render_description
+        from streams.ops.describe import describe_topic, render_description
         from vlmflow.kafka_admin import admin_client
 
         with admin_client(settings) as admin:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _tail(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.tail import follow, format_record, last_records
+    from streams.ops.tail import follow, format_record, last_records
     from vlmflow.kafka_admin import admin_client
 
     with admin_client(settings) as admin:

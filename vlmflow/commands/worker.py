@@ -9,12 +9,13 @@ import signal
 
 from schemas.errors import VlmflowError
 from schemas.settings import EngineKind, Settings
+from schemas.topics import Topic
 from workers.engines.base import Engine
 from workers.engines.factory import build_engine
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("worker", help="serve image jobs from vlm.jobs.image until stopped")
+    parser = subcommands.add_parser("worker", help=f"serve image jobs from {Topic.JOBS_IMAGE} until stopped")
     parser.add_argument("--engine", choices=["vllm", "instant"], help="engine (default: VLMFLOW_ENGINE__KIND, vllm)")
     parser.add_argument("--model", help="checkpoint directory (default: VLMFLOW_MODEL__PATH)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port; 0 picks a free one, -1 serves none")

@@ -41,6 +41,6 @@ def build_engine(settings: Settings, kind: EngineKind | None = None) -> Engine:
         gpu_memory_utilization=engine.gpu_memory_utilization,
         kv_cache_memory_bytes=kv_cache_bytes,
         load_format=engine.load_format,
-        dtype=engine.dtype,  # type: ignore[arg-type]
+        dtype=engine.dtype,
         cudagraph_mm_encoder=engine.cudagraph_mm_encoder,
     )

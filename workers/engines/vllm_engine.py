@@ -131,7 +131,9 @@ class VllmEngine:
             raise RuntimeError("VllmEngine.chat_prompt() called before start()")
         content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": request.prompt}]
         text = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": content}],  # type: ignore[arg-type]
+            tokenize=False,
+            add_generation_prompt=True,
         )
         assert isinstance(text, str)
         return text

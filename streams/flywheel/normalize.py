@@ -1,0 +1,421 @@
+"""Raw logs of every source format → one `NormalizedLog`. A pure function: no clock, no I/O, no offsets.
+
+The format is told by shape: `kind: "vlmflow-job"` (the worker's own events), `request` + `response` objects
+(OpenAI-style gateway logs), or `req_id` (the legacy flat app log). Anything it cannot read raises
+`schemas.InvalidLog` with a stable code (`schemas.logs.InvalidLogCode`), never another exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from pydantic import ValidationError
+
+from schemas.errors import InvalidLog, first_error
+from schemas.logs import Feedback, ImageInfo, InvalidLogCode, JobEvent, Lineage, NormalizedLog, SourceFormat
+from streams.flywheel.model_output import JsonValue, OutputError, check_depth, normalize_objects, parse_json_text
+from streams.flywheel.timeparse import TimeError, parse_log_time
+
+_PRESIGN_PARAMS = ("x-amz-signature", "x-amz-credential", "x-amz-algorithm", "signature", "awsaccesskeyid")
+_NUMERIC = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
+_THUMBS: dict[object, Feedback] = {1: "positive", 0: "none", -1: "negative", "up": "positive", "down": "negative"}
+_RATINGS: dict[str, Feedback] = {"up": "positive", "down": "negative"}
+
+
+def _fail(code: InvalidLogCode, message: str) -> NoReturn:
+    raise InvalidLog(code, message)
+
+
+def raw_log_id(raw: dict[str, Any] | bytes | str) -> str:
+    """A stable id for a raw log, readable or not: a hash of its canonical JSON, or of its bytes when it is not
+    JSON. A redelivered or replayed copy gets the same id."""
+    if isinstance(raw, dict):
+        body = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str).encode()
+    else:
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        try:
+            body = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
+        except (ValueError, RecursionError):
+            body = data
+    return "log-" + hashlib.sha256(body).hexdigest()[:24]
+
+
+def load_raw(raw: dict[str, Any] | bytes | str) -> dict[str, Any]:
+    """The raw log as a JSON object; `not_json` / `not_an_object` otherwise."""
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        _fail("not_json", detail)
+    if not isinstance(value, dict):
+        _fail("not_an_object", f"a JSON {type(value).__name__}")
+    return value
+
+
+def _reject_constant(name: str) -> NoReturn:
+    _fail("not_json", f"{name} is not JSON")
+
+
+def detect_format(value: dict[str, Any]) -> SourceFormat:
+    if value.get("kind") == "vlmflow-job":
+        return "vlmflow-job"
+    if "request" in value and "response" in value:
+        return "openai-chat"
+    if "req_id" in value:
+        return "legacy-flat"
+    _fail("unknown_format", "no kind=vlmflow-job, no request+response, no req_id")
+
+
+def normalize(
+    raw: dict[str, Any] | bytes | str, *, lineage: Lineage | None = None, synonyms: dict[str, str] | None = None
+) -> NormalizedLog:
+    """Read one raw log of any source format; raise `InvalidLog` with a stable code when it cannot be read."""
+    value = load_raw(raw)
+    source_format = detect_format(value)
+    fields = _READERS[source_format](value)
+    log_id = raw_log_id(value)
+    images: list[ImageInfo] = fields["images"]
+    width, height = (images[0].width, images[0].height) if images else (None, None)
+    answer: JsonValue | None = fields.pop("answer", None)
+    if answer is None and fields["output_text"] is not None:
+        try:
+            answer = parse_json_text(fields["output_text"])
+        except OutputError as exc:
+            fields["output_error"] = str(exc)
+    if answer is not None:
+        answer, problems = normalize_objects(answer, width=width, height=height, synonyms=synonyms or {})
+        fields["output"] = answer
+        if problems:
+            fields["output_error"] = "; ".join(problems)
+    if fields.get("correction") is not None:
+        correction, problems = normalize_objects(
+            fields["correction"], width=width, height=height, synonyms=synonyms or {}
+        )
+        if problems:
+            _fail("invalid_correction", "; ".join(problems))
+        fields["correction"] = correction
+    if fields["request_id"] is None:
+        fields["request_id"] = log_id
+    try:
+        return NormalizedLog(log_id=log_id, source_format=source_format, lineage=lineage, **fields)
+    except ValidationError as exc:
+        _fail("invalid_field", ": ".join(first_error(exc)))
+
+
+# -- field readers: each takes the value and a path for its error message --------------------------------------
+
+
+def _text(value: object, path: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    _fail("invalid_field", f"{path}: expected text, got {type(value).__name__}")
+
+
+def _object(value: object, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _fail("invalid_field", f"{path}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _number(value: object, path: str) -> float | None:
+    """A finite number, from a JSON number or numeric text."""
+    if value is None:
+        return None
+    if isinstance(value, str) and _NUMERIC.match(value):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        _fail("invalid_field", f"{path}: expected a number")
+    return float(value)
+
+
+def _count(value: object, path: str) -> int | None:
+    number = _number(value, path)
+    if number is None:
+        return None
+    if number < 0 or number != int(number):
+        _fail("invalid_field", f"{path}: expected a whole number ≥ 0")
+    return int(number)
+
+
+def _size(value: object, path: str) -> int | None:
+    number = _count(value, path)
+    if number == 0:
+        _fail("invalid_image", f"{path}: an image side of 0 pixels")
+    return number
+
+
+def _time(value: object, path: str) -> Any:
+    try:
+        return parse_log_time(value)
+    except TimeError as exc:
+        _fail("invalid_timestamp", f"{path}: {exc}")
+
+
+def _json_value(value: object, path: str, code: InvalidLogCode) -> JsonValue | None:
+    """An object or array given as such or as JSON text (fences and prose tolerated, as in answers)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_json_text(value)
+        except OutputError as exc:
+            _fail(code, f"{path}: {exc}")
+    if not isinstance(value, dict | list):
+        _fail(code, f"{path}: expected an object, an array or JSON text")
+    try:
+        check_depth(value)
+    except OutputError as exc:
+        _fail(code, f"{path}: {exc}")
+    return value
+
+
+def image_uri(reference: object, path: str) -> str:
+    """`s3://bucket/key` for s3 URIs, `bucket/key` and path-style presigned URLs (query dropped); other http(s)
+    URLs are kept as they are (the worker fetches those only from allow-listed hosts)."""
+    if not isinstance(reference, str) or not reference.strip():
+        _fail("invalid_image", f"{path}: expected an image URI")
+    text = reference.strip()
+    if text.startswith("data:"):
+        _fail("inline_image", f"{path}: an inline data: image")
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        _fail("invalid_image", f"{path}: not a URI")
+    if parts.scheme == "s3":
+        return _s3(parts.netloc, parts.path.lstrip("/"), path)
+    if parts.scheme in ("http", "https"):
+        query = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        if query & set(_PRESIGN_PARAMS):
+            bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
+            return _s3(bucket, key, path)
+        if not parts.netloc:
+            _fail("invalid_image", f"{path}: a URL without a host")
+        return text
+    if parts.scheme:
+        _fail("invalid_image", f"{path}: scheme {parts.scheme!r} is not s3 or http(s)")
+    bucket, _, key = text.partition("/")
+    return _s3(bucket, key, path)
+
+
+def _s3(bucket: str, key: str, path: str) -> str:
+    if not bucket or not key or "/" in bucket:
+        _fail("invalid_image", f"{path}: expected bucket/key")
+    return f"s3://{bucket}/{key}"
+
+
+# -- the source formats ------------------------------------------------------------------------------------------
+
+
+def _openai_chat(value: dict[str, Any]) -> dict[str, Any]:
+    request = _object(value["request"], "request")
+    response = _object(value["response"], "response")
+    metadata = _object(value.get("metadata") or {}, "metadata")
+    if value.get("created") is not None:
+        timestamp = _time(value["created"], "created")
+    else:
+        timestamp = _time(value.get("timestamp"), "timestamp")
+    prompt, uris = _messages(request.get("messages"))
+    sizes = value.get("x_image_sizes")
+    if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(uris)):
+        _fail("invalid_image", f"x_image_sizes: expected one [w, h] per image part ({len(uris)})")
+    images = [_image(uri, sizes[index] if sizes else None, f"x_image_sizes[{index}]") for index, uri in enumerate(uris)]
+    usage = _object(response.get("usage") or {}, "response.usage")
+    status_code = value.get("status_code")
+    if status_code is not None and (isinstance(status_code, bool) or not isinstance(status_code, int)):
+        _fail("invalid_field", "status_code: expected an HTTP status number")
+    failed = status_code is not None and not 200 <= status_code < 300
+    feedback = _object(value.get("feedback") or {}, "feedback")
+    rating = feedback.get("rating")
+    if rating is not None and rating not in _RATINGS:
+        _fail("invalid_field", "feedback.rating: expected 'up' or 'down'")
+    return {
+        "request_id": _text(value.get("id"), "id"),
+        "timestamp": timestamp,
+        "tenant": _text(value.get("tenant"), "tenant") or _text(metadata.get("tenant"), "metadata.tenant") or "default",
+        "model": _text(request.get("model"), "request.model"),
+        "task": _text(metadata.get("task"), "metadata.task"),
+        "prompt": prompt,
+        "images": images,
+        "output_text": _choice_text(response.get("choices")),
+        "latency_ms": _number(value.get("latency_ms"), "latency_ms"),
+        "status": "error" if failed else "ok",
+        "error_code": f"http_{status_code}" if failed else None,
+        "feedback": _RATINGS[rating] if rating is not None else "none",
+        "correction": _json_value(feedback.get("correction"), "feedback.correction", "invalid_correction"),
+        "prompt_tokens": _count(usage.get("prompt_tokens"), "response.usage.prompt_tokens"),
+        "completion_tokens": _count(usage.get("completion_tokens"), "response.usage.completion_tokens"),
+    }
+
+
+def _messages(messages: object) -> tuple[str, list[str]]:
+    """The text of the last user turn, and every image part's URL in order."""
+    if not isinstance(messages, list) or not messages:
+        _fail("invalid_field", "request.messages: expected a non-empty list")
+    prompt = ""
+    uris: list[str] = []
+    for index, message in enumerate(messages):
+        path = f"request.messages[{index}]"
+        message = _object(message, path)
+        texts, images = _content(message.get("content"), f"{path}.content")
+        uris.extend(images)
+        if message.get("role") == "user":
+            prompt = "\n".join(texts)
+    return prompt, uris
+
+
+def _content(content: object, path: str) -> tuple[list[str], list[str]]:
+    if content is None:
+        return [], []
+    if isinstance(content, str):
+        return [content], []
+    if not isinstance(content, list):
+        _fail("invalid_field", f"{path}: expected text or a list of parts")
+    texts: list[str] = []
+    uris: list[str] = []
+    for index, part in enumerate(content):
+        part_path = f"{path}[{index}]"
+        part = _object(part, part_path)
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(_text(part.get("text"), f"{part_path}.text") or "")
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = _object(image, f"{part_path}.image_url").get("url") if not isinstance(image, str) else image
+            uris.append(image_uri(url, f"{part_path}.image_url"))
+        else:
+            _fail("invalid_field", f"{part_path}.type: expected 'text' or 'image_url'")
+    return texts, uris
+
+
+def _image(uri: str, size: object, path: str) -> ImageInfo:
+    if size is None:
+        return ImageInfo(uri=uri)
+    if not isinstance(size, list) or len(size) != 2:
+        _fail("invalid_image", f"{path}: expected [width, height]")
+    return ImageInfo(uri=uri, width=_size(size[0], f"{path}[0]"), height=_size(size[1], f"{path}[1]"))
+
+
+def _choice_text(choices: object) -> str | None:
+    if choices is None or choices == []:
+        return None
+    if not isinstance(choices, list):
+        _fail("invalid_field", "response.choices: expected a list")
+    message = _object(_object(choices[0], "response.choices[0]").get("message") or {}, "response.choices[0].message")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts, _ = _content(content, "response.choices[0].message.content")
+        return "".join(texts)
+    return _text(content, "response.choices[0].message.content")
+
+
+def _legacy_flat(value: dict[str, Any]) -> dict[str, Any]:
+    request_id = _text(value["req_id"], "req_id")
+    image = value.get("img")
+    images = []
+    if image is not None:
+        uri = image_uri(image, "img")
+        width, height = _size(value.get("img_w"), "img_w"), _size(value.get("img_h"), "img_h")
+        images.append(ImageInfo(uri=uri, width=width, height=height))
+    latency_s = _number(value.get("lat"), "lat")
+    return {
+        "request_id": request_id,
+        "timestamp": _time(value.get("ts"), "ts"),
+        "tenant": _text(value.get("app"), "app") or "default",
+        "model": _text(value.get("model"), "model"),
+        "task": _text(value.get("task"), "task"),
+        "prompt": _text(value.get("q"), "q") or "",
+        "images": images,
+        "output_text": _text(value.get("ans"), "ans"),
+        "latency_ms": latency_s * 1000 if latency_s is not None else None,
+        "status": "ok" if _flag(value.get("ok"), "ok") else "error",
+        "feedback": _thumbs(value.get("thumbs")),
+        "correction": _json_value(value.get("fix"), "fix", "invalid_correction"),
+    }
+
+
+def _thumbs(value: object) -> Feedback:
+    """1/0/-1 (numbers or text) or "up"/"down"; absent means no feedback."""
+    if value is None:
+        return "none"
+    key: object = None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        key = int(text) if text in ("1", "0", "-1") else text
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        key = value
+    if key not in _THUMBS:
+        _fail("invalid_field", "thumbs: expected 1, 0, -1, 'up' or 'down'")
+    return _THUMBS[key]
+
+
+def _flag(value: object, path: str) -> bool:
+    """true/false, "true"/"false", 1/0, "yes"/"no"; absent means true (the legacy app logged failures only)."""
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, int | str) else None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    _fail("invalid_field", f"{path}: expected true/false, 1/0 or yes/no")
+
+
+def _vlmflow_job(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        event = JobEvent.model_validate(value)
+    except ValidationError as exc:
+        _fail("invalid_field", ": ".join(first_error(exc)))
+    job, result = event.job, event.result
+    if event.image_sizes and len(event.image_sizes) != len(job.images):
+        _fail("invalid_image", f"image_sizes: expected one (w, h) per image ({len(job.images)})")
+    images = [
+        _image(image_uri(uri, f"job.images[{index}]"), list(event.image_sizes[index]) if event.image_sizes else None,
+               f"image_sizes[{index}]")
+        for index, uri in enumerate(job.images)
+    ]  # fmt: skip
+    error = result.error
+    output = result.output
+    if output is not None:
+        try:
+            check_depth(output)
+        except OutputError as exc:
+            _fail("invalid_field", f"result.output: {exc}")
+    return {
+        "request_id": job.job_id,
+        "timestamp": result.finished_at,
+        "tenant": job.tenant,
+        "model": result.model,
+        "task": job.task,
+        "prompt": job.prompt or "",
+        "images": images,
+        "output_text": json.dumps(output, sort_keys=True) if output is not None else None,
+        "answer": output,
+        "output_error": f"{error.code}: {error.message}" if error and error.code == "output_invalid" else None,
+        "latency_ms": result.timings.queue_ms + result.timings.total_ms,
+        "status": result.status,
+        "error_code": error.code if error else None,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "attempt": max(job.attempt, result.attempt),
+    }
+
+
+_READERS: dict[SourceFormat, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "openai-chat": _openai_chat,
+    "legacy-flat": _legacy_flat,
+    "vlmflow-job": _vlmflow_job,
+}

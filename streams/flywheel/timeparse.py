@@ -1,0 +1,47 @@
+"""Points in time as source logs write them: epoch seconds or milliseconds (numbers or numeric text),
+`YYYY-MM-DD HH:MM:SS` in UTC, or ISO 8601 with `Z`, an offset, or no zone (read as UTC)."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+
+EPOCH_MS_ABOVE = 100_000_000_000
+"""Epoch values at or above this are milliseconds: as seconds it would be the year 5138, as ms it is 1973."""
+
+_NUMERIC = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+class TimeError(ValueError):
+    """A value that is no point in time this module can read."""
+
+
+def parse_log_time(value: object) -> datetime:
+    """An aware UTC datetime from an epoch number (s or ms) or ISO 8601 / `YYYY-MM-DD HH:MM:SS` text."""
+    if isinstance(value, bool) or value is None:
+        raise TimeError(f"expected an epoch number or a date-time text, got {type(value).__name__}")
+    if isinstance(value, str) and _NUMERIC.match(value.strip()):
+        value = float(value)
+    if isinstance(value, int | float):
+        return _from_epoch(float(value))
+    if not isinstance(value, str):
+        raise TimeError(f"expected an epoch number or a date-time text, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise TimeError("not ISO 8601 or YYYY-MM-DD HH:MM:SS") from None
+
+
+def _from_epoch(seconds: float) -> datetime:
+    if not math.isfinite(seconds):
+        raise TimeError("epoch is not a finite number")
+    if abs(seconds) >= EPOCH_MS_ABOVE:
+        seconds /= 1000
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise TimeError("epoch out of range") from None

@@ -1,0 +1,311 @@
+"""The correction queue in Redis: hard cases served highest priority first, each claimed under a lease.
+
+A reviewer claims the top case and holds it until the lease ends; an abandoned claim returns to the queue by
+itself. Every operation is one Lua script that reads Redis's own clock (`TIME`), so the workers' and reviewers'
+clocks never matter, and every script first hands expired leases back to the queue. All keys of one queue share
+the hash tag `{review:<name>}`, so the scripts run unchanged on Redis Cluster.
+
+Keys (`vlmflow:{review:<name>}:<part>`):
+
+| part          | type | holds                                                                    |
+| ------------- | ---- | ------------------------------------------------------------------------ |
+| `pending`     | zset | case_id → priority (served highest first; ties by case_id, descending)    |
+| `leases`      | zset | case_id → lease end (ms, Redis time)                                      |
+| `cases`       | hash | case_id → `HardCase` JSON, while not submitted                           |
+| `priorities`  | hash | case_id → priority, to put a lapsed or skipped case back in its place    |
+| `claims`      | hash | case_id → `{reviewer, token, claimed_at_ms}` of the live lease            |
+| `suggestions` | hash | case_id → a model's suggested answer (JSON)                               |
+| `skips`       | hash | case_id → reviewers who skipped it, one a line (they are not served it again) |
+| `done`        | hash | case_id → `{reviewer, at_ms}`: submitted cases are never queued again     |
+| `counters`    | hash | enqueued, claimed, lapsed, skipped, submitted                             |
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from schemas.cases import HardCase
+from schemas.errors import VlmflowError
+
+SCAN_LIMIT = 100
+"""How many of the top pending cases a claim looks through for one the reviewer has not skipped."""
+
+_KEY_PARTS = ("pending", "leases", "cases", "priorities", "claims", "suggestions", "skips", "done", "counters")
+
+# NOTE: every script gets the keys in `_KEY_PARTS` order and starts with this prelude.
+_PRELUDE = """
+local pending, leases, cases, priorities, claims, suggestions, skips, done, counters =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+  redis.call('ZREM', leases, id)
+  redis.call('HDEL', claims, id)
+  redis.call('ZADD', pending, tonumber(redis.call('HGET', priorities, id) or '0'), id)
+  redis.call('HINCRBY', counters, 'lapsed', 1)
+end
+-- a live claim of ARGV[1] (the case) held with token ARGV[2]: the decoded claim, or nil and why not
+local function live_claim()
+  local raw = redis.call('HGET', claims, ARGV[1])
+  if not raw then
+    if redis.call('HEXISTS', done, ARGV[1]) == 1 then return nil, 'submitted' end
+    return nil, 'not_claimed'
+  end
+  local claim = cjson.decode(raw)
+  if claim.token ~= ARGV[2] then return nil, 'claimed_by_other' end
+  return claim, nil
+end
+"""
+
+# ARGV: case_id, priority, case JSON. Returns 0 (already submitted), 1 (queued) or 2 (updated, stays claimed).
+_ENQUEUE = (
+    _PRELUDE
+    + """
+local id = ARGV[1]
+if redis.call('HEXISTS', done, id) == 1 then return 0 end
+redis.call('HSET', cases, id, ARGV[3])
+redis.call('HSET', priorities, id, ARGV[2])
+if redis.call('ZSCORE', leases, id) then return 2 end
+if redis.call('ZADD', pending, tonumber(ARGV[2]), id) == 1 then redis.call('HINCRBY', counters, 'enqueued', 1) end
+return 1
+"""
+)
+
+# ARGV: reviewer, token, lease_ms, scan limit. Returns false or {case_id, case JSON, suggestion or '', lease end}.
+_CLAIM = (
+    _PRELUDE
+    + """
+for _, id in ipairs(redis.call('ZREVRANGE', pending, 0, tonumber(ARGV[4]) - 1)) do
+  local skipped = redis.call('HGET', skips, id)
+  if not skipped or not string.find('\\n' .. skipped .. '\\n', '\\n' .. ARGV[1] .. '\\n', 1, true) then
+    local ends = now + tonumber(ARGV[3])
+    redis.call('ZREM', pending, id)
+    redis.call('ZADD', leases, ends, id)
+    redis.call('HSET', claims, id, cjson.encode({reviewer = ARGV[1], token = ARGV[2], claimed_at_ms = now}))
+    redis.call('HINCRBY', counters, 'claimed', 1)
+    return {id, redis.call('HGET', cases, id), redis.call('HGET', suggestions, id) or '', tostring(ends)}
+  end
+end
+return false
+"""
+)
+
+# ARGV: case_id, token, lease_ms. Returns {'ok', case JSON, suggestion or '', lease end, reviewer} or {reason}.
+_RENEW = (
+    _PRELUDE
+    + """
+local claim, why = live_claim()
+if not claim then return {why} end
+local ends = now + tonumber(ARGV[3])
+redis.call('ZADD', leases, ends, ARGV[1])
+return {'ok', redis.call('HGET', cases, ARGV[1]), redis.call('HGET', suggestions, ARGV[1]) or '', tostring(ends),
+        claim.reviewer}
+"""
+)
+
+# ARGV: case_id, token. Returns {'ok'} or {reason}.
+_COMPLETE = (
+    _PRELUDE
+    + """
+local claim, why = live_claim()
+if not claim then return {why} end
+local id = ARGV[1]
+redis.call('ZREM', leases, id)
+for _, key in ipairs({claims, cases, priorities, suggestions, skips}) do redis.call('HDEL', key, id) end
+redis.call('HSET', done, id, cjson.encode({reviewer = claim.reviewer, at_ms = now}))
+redis.call('HINCRBY', counters, 'submitted', 1)
+return {'ok'}
+"""
+)
+
+# ARGV: case_id, token. Returns {'ok'} or {reason}.
+_SKIP = (
+    _PRELUDE
+    + """
+local claim, why = live_claim()
+if not claim then return {why} end
+local id = ARGV[1]
+redis.call('ZREM', leases, id)
+redis.call('HDEL', claims, id)
+local skipped = redis.call('HGET', skips, id)
+redis.call('HSET', skips, id, skipped and (skipped .. '\\n' .. claim.reviewer) or claim.reviewer)
+redis.call('ZADD', pending, tonumber(redis.call('HGET', priorities, id) or '0'), id)
+redis.call('HINCRBY', counters, 'skipped', 1)
+return {'ok'}
+"""
+)
+
+# ARGV: case_id, suggestion JSON. Returns 1, or 0 when the case is no longer in the queue.
+_SUGGEST = (
+    _PRELUDE
+    + """
+if redis.call('HEXISTS', cases, ARGV[1]) == 0 then return 0 end
+redis.call('HSET', suggestions, ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+# ARGV: limit. Returns {case JSON, suggestion or '', ...} of the top pending cases.
+_PEEK = (
+    _PRELUDE
+    + """
+local out = {}
+for _, id in ipairs(redis.call('ZREVRANGE', pending, 0, tonumber(ARGV[1]) - 1)) do
+  table.insert(out, redis.call('HGET', cases, id))
+  table.insert(out, redis.call('HGET', suggestions, id) or '')
+end
+return out
+"""
+)
+
+# Returns {pending, leased, submitted, top priority or '', counters as name, value, ...}.
+_STATS = (
+    _PRELUDE
+    + """
+local top = redis.call('ZREVRANGE', pending, 0, 0, 'WITHSCORES')
+return {redis.call('ZCARD', pending), redis.call('ZCARD', leases), redis.call('HLEN', done), top[2] or '',
+        unpack(redis.call('HGETALL', counters))}
+"""
+)
+
+
+class ClaimLost(VlmflowError):
+    """The claim named is not live any more: its lease lapsed, another reviewer holds it, or it was submitted."""
+
+    def __init__(self, case_id: str, reason: str):
+        self.case_id = case_id
+        self.reason = reason
+        hints = {
+            "not_claimed": "its lease lapsed and it went back to the queue; claim it again with `vlmflow review next`",
+            "claimed_by_other": "its lease lapsed and another reviewer claimed it",
+            "submitted": "it was already submitted",
+        }
+        super().__init__(f"case {case_id}: {hints.get(reason, reason)}")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A case held by one reviewer until `lease_ends`; `token` proves the claim on renew, submit and skip."""
+
+    case: HardCase
+    reviewer: str
+    token: str
+    lease_ends: datetime
+    suggestion: dict[str, Any] | None
+    """A model's pre-filled answer (`vlmflow review suggest`); a person confirms or replaces it."""
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    pending: int
+    leased: int
+    submitted: int
+    top_priority: int | None
+    """Priority of the case `next` would serve; None when the queue is empty."""
+    counters: dict[str, int]
+    """Totals since the queue began: enqueued, claimed, lapsed, skipped, submitted."""
+
+
+def _ms_to_datetime(ms: bytes | str) -> datetime:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class CorrectionQueue:
+    """One named queue on one Redis (or Redis Cluster: every key carries the queue's hash tag)."""
+
+    def __init__(self, redis: Redis, name: str = "corrections"):
+        if not name or any(char in name for char in "{}\n"):
+            raise ValueError(f"queue name {name!r} must be non-empty without braces or newlines")
+        self.redis = redis
+        self.name = name
+        self.keys = [f"vlmflow:{{review:{name}}}:{part}" for part in _KEY_PARTS]
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._complete = redis.register_script(_COMPLETE)
+        self._skip = redis.register_script(_SKIP)
+        self._suggest = redis.register_script(_SUGGEST)
+        self._peek = redis.register_script(_PEEK)
+        self._stats = redis.register_script(_STATS)
+
+    async def enqueue(self, case: HardCase) -> bool:
+        """Queue `case` at its priority (or update a queued one); False when it was already submitted."""
+        result = await self._enqueue(keys=self.keys, args=[case.case_id, case.priority, case.model_dump_json()])
+        return int(result) != 0
+
+    async def claim(self, reviewer: str, lease_s: float) -> Claim | None:
+        """The highest-priority case this reviewer has not skipped, leased for `lease_s`; None when none is left."""
+        if not reviewer or "\n" in reviewer:
+            raise ValueError("reviewer must be a non-empty name without newlines")
+        token = uuid.uuid4().hex
+        result = await self._claim(keys=self.keys, args=[reviewer, token, round(lease_s * 1000), SCAN_LIMIT])
+        if not result:
+            return None
+        _, case_json, suggestion, ends = result
+        return Claim(
+            case=HardCase.model_validate_json(case_json),
+            reviewer=reviewer,
+            token=token,
+            lease_ends=_ms_to_datetime(ends),
+            suggestion=json.loads(suggestion) if suggestion else None,
+        )
+
+    async def renew(self, case_id: str, token: str, lease_s: float) -> Claim:
+        """Extend a live claim to `lease_s` from now and return it as it stands. `ClaimLost` otherwise."""
+        result = await self._renew(keys=self.keys, args=[case_id, token, round(lease_s * 1000)])
+        if _text(result[0]) != "ok":
+            raise ClaimLost(case_id, _text(result[0]))
+        _, case_json, suggestion, ends, reviewer = result
+        return Claim(
+            case=HardCase.model_validate_json(case_json),
+            reviewer=_text(reviewer),
+            token=token,
+            lease_ends=_ms_to_datetime(ends),
+            suggestion=json.loads(suggestion) if suggestion else None,
+        )
+
+    async def complete(self, case_id: str, token: str) -> None:
+        """Take a claimed case out of the queue for good (its correction is published). `ClaimLost` otherwise."""
+        result = await self._complete(keys=self.keys, args=[case_id, token])
+        if _text(result[0]) != "ok":
+            raise ClaimLost(case_id, _text(result[0]))
+
+    async def skip(self, case_id: str, token: str) -> None:
+        """Give a claimed case back at its priority; the reviewer who skipped it is not served it again."""
+        result = await self._skip(keys=self.keys, args=[case_id, token])
+        if _text(result[0]) != "ok":
+            raise ClaimLost(case_id, _text(result[0]))
+
+    async def suggest(self, case_id: str, suggestion: dict[str, Any]) -> bool:
+        """Attach a model's answer to a queued or claimed case; False when the case is no longer queued."""
+        result = await self._suggest(keys=self.keys, args=[case_id, json.dumps(suggestion, sort_keys=True)])
+        return int(result) == 1
+
+    async def peek(self, limit: int) -> list[tuple[HardCase, dict[str, Any] | None]]:
+        """The top `limit` pending cases in serving order, each with its suggestion (None when it has none)."""
+        flat = await self._peek(keys=self.keys, args=[limit])
+        return [
+            (HardCase.model_validate_json(flat[i]), json.loads(flat[i + 1]) if flat[i + 1] else None)
+            for i in range(0, len(flat), 2)
+        ]
+
+    async def stats(self) -> QueueStats:
+        pending, leased, submitted, top, *counters = await self._stats(keys=self.keys, args=[])
+        pairs = dict(zip(counters[::2], counters[1::2], strict=True))
+        return QueueStats(
+            pending=int(pending),
+            leased=int(leased),
+            submitted=int(submitted),
+            top_priority=int(float(top)) if top else None,
+            counters={_text(name): int(value) for name, value in pairs.items()},
+        )
