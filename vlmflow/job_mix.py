@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import random
-import socket
 import struct
 import uuid
 import zlib
@@ -40,7 +39,9 @@ EXTRACT_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 GROUND_PROMPT = "the largest shape"
-UNREACHABLE_HOST = "127.0.0.1"
+UNREACHABLE_HOST = "127.0.0.1:1"
+"""An allow-list entry (host:port, the allow-list restricts ports) where nothing listens (tcpmux, unused on these
+machines): every fetch is refused, a failure worth retrying."""
 
 
 @dataclass(frozen=True)
@@ -193,17 +194,16 @@ class JobMix:
         per_image = image_tokens(
             width, height, family=model.family, min_pixels=model.min_pixels, max_pixels=model.max_pixels
         )
-        count = self.settings.budget.capacity // per_image + 1
+        capacity = self.settings.budget.capacity
+        if capacity is None:  # the engine's KV cache decides at start: no job is known never to fit
+            return None
+        count = capacity // per_image + 1
         if count > min(MAX_IMAGES_PER_JOB, self.settings.engine.limit_images_per_prompt):
             return None
         return [self._good_uris()[-1]] * count
 
     def _unreachable_url(self) -> list[str]:
-        """A URL on 127.0.0.1 at a port nothing listens on: every fetch fails, a failure worth retrying."""
-        with socket.socket() as probe:
-            probe.bind((UNREACHABLE_HOST, 0))
-            port = probe.getsockname()[1]
-        return [f"http://{UNREACHABLE_HOST}:{port}/image.png"]
+        return [f"http://{UNREACHABLE_HOST}/image.png"]
 
     def _bad_output_schema(self) -> PlannedJob:
         job = _job("extract", [self.rng.choice(self._good_uris())], output_schema={"type": "no-such-type"})

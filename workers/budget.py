@@ -13,7 +13,18 @@ vanishes drops out of the queue after `WAITER_TTL_S`, and a grant it never confi
 Redis may lose the pool's state while holders still use their leases. When the state is new on a server that
 started less than one lease TTL ago (a restart without persistence), or a caller saw an older incarnation of it
 (a flush), grants wait until one TTL after that start, and a holder's renewal in that window registers its lease
-again. So a fresh Redis makes the first grants wait up to one lease TTL.
+again. So a fresh Redis makes the first grants wait up to one lease TTL. Redis may also lose only its latest
+writes (a failover to a replica that lagged, a restart that lost the last second of its append-only file): a
+renewal then finds its lease unknown before the expiry its holder heard of, registers it again if it fits and
+makes grants wait one TTL, so the other holders of lost leases do the same. A lease that does not fit any more
+(its tokens were lent between the loss and the renewal) is lost.
+
+Holding a lease is `async with budget.hold(cost, holder, timeout_s=...) as held:` (`HeldLease`). It renews every
+third of the TTL and rides out Redis not answering by retrying until the lease's TTL runs out. A lease that is
+lost while held (it lapsed, or Redis answers that it is gone) cancels the block, which then raises `LeaseLost`:
+whoever held it must not go on using tokens that may be lent to someone else. So at no instant does the sum of
+the leases Redis knows exceed the capacity, and a holder uses tokens without a lease for at most one renewal
+interval after Redis lost its lease.
 
 This module is the adapter: it only passes arguments to the scripts and turns their answers into `Lease`s and
 errors. The accounting itself lives in the scripts, where it is atomic.
@@ -23,9 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
+from types import TracebackType
 from typing import ClassVar, NamedTuple
 
 from redis.asyncio import Redis
@@ -37,6 +50,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from schemas.errors import ErrorCode, VlmflowError
 from workers import budget_scripts
 from workers.budget_notices import GrantNotices
+
+log = logging.getLogger(__name__)
 
 HEAD_POLL_S = 0.01
 """How often the waiter at the head of the queue asks again without a notice: it notices the tokens of expired
@@ -93,6 +108,16 @@ class LeaseExpired(BudgetError):
     def __init__(self, lease: Lease):
         self.lease = lease
         super().__init__(f"lease {lease.lease_id} of {lease.holder!r} on budget pool {lease.pool!r} expired")
+
+
+class LeaseLost(BudgetError):
+    """A lease held by `HeldLease` was lost while its block ran: the block was cancelled and must not go on."""
+
+    code: ClassVar[ErrorCode] = "lease_lost"
+
+    def __init__(self, holder: str, pool: str, reason: str):
+        self.holder, self.pool = holder, pool
+        super().__init__(f"the lease of {holder!r} on budget pool {pool!r} was lost while held: {reason}")
 
 
 @dataclass(frozen=True)
@@ -228,6 +253,11 @@ class TokenBudget:
             raise CostExceedsCapacity(self.pool, cost, answer.numbers[0])
         return self._lease(lease_id, holder, cost, answer) if answer.status == "granted" else None
 
+    def hold(self, cost: int, holder: str, *, timeout_s: float) -> HeldLease:
+        """`async with budget.hold(cost, holder, timeout_s=...) as held:` reserves (as `reserve`), renews the
+        lease every third of its TTL while the block runs, and releases it on the way out."""
+        return HeldLease(self, cost, holder, timeout_s)
+
     async def reserve(self, cost: int, holder: str, timeout_s: float) -> Lease:
         """A lease, waiting in line (first come, first served) up to `timeout_s`.
 
@@ -279,8 +309,10 @@ class TokenBudget:
             await self._run(self._release, member)
 
     async def renew(self, lease: Lease) -> Lease:
-        """The lease with a new expiry one TTL from now. Raises `LeaseExpired` when it lapsed already."""
-        answer = await self._run(self._renew, _member(lease.lease_id, lease.cost, lease.holder), lease.epoch)
+        """The lease with a new expiry one TTL from now (registered again when Redis lost it while it was live).
+        Raises `LeaseExpired` when it lapsed already, or was lost and its tokens do not fit any more."""
+        member = _member(lease.lease_id, lease.cost, lease.holder)
+        answer = await self._run(self._renew, member, lease.epoch, str(lease.expires_at_ms))
         if answer.status == "lost":
             raise LeaseExpired(lease)
         return replace(lease, expires_at_ms=answer.numbers[0], epoch=answer.epoch)
@@ -305,3 +337,92 @@ class TokenBudget:
         if n < 1:
             raise ValueError(f"budget capacity must be at least 1, got {n}")
         await self._run(self._set_capacity, str(n))
+
+
+class HeldLease:
+    """A lease held for the length of an `async with` block (redis-py's `asyncio.Lock` is the model): entering
+    reserves (as `TokenBudget.reserve`), a background task renews every third of the TTL, leaving releases.
+
+    Renewals retry while Redis does not answer, until the TTL since the last renewal has passed. When the lease is
+    lost (that deadline passed, or Redis answers that it is gone) the task running the block is cancelled, and the
+    block raises `LeaseLost` instead of `CancelledError` (as `asyncio.timeout` raises `TimeoutError`).
+    """
+
+    def __init__(self, budget: TokenBudget, cost: int, holder: str, timeout_s: float):
+        self.budget = budget
+        self.cost = cost
+        self.holder = holder
+        self.timeout_s = timeout_s
+        self.lease: Lease | None = None
+        """The lease as last renewed; None before it is granted and once it is released or lost."""
+        self.lost: LeaseLost | None = None
+        """Why the lease was lost while held; None while it is held."""
+        self._task: asyncio.Task[object] | None = None  # the task running the block, cancelled on a loss
+        self._renewer: asyncio.Task[None] | None = None
+        self._leaving = False  # the block ended: a loss found now cancels nothing
+        self._cancelled = False  # a loss cancelled the block
+
+    async def __aenter__(self) -> HeldLease:
+        self.lease = await self.budget.reserve(self.cost, self.holder, self.timeout_s)
+        self._task = asyncio.current_task()
+        self._renewer = asyncio.create_task(self._renew_while_held(), name=f"lease renewal {self.holder}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._leaving = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            try:
+                await self.budget.release(lease)
+            except BudgetUnavailable as unavailable:
+                log.warning("%s; the lease lapses by its TTL instead", unavailable)
+        if self.lost is None:
+            return
+        assert self._task is not None
+        others_cancelled = self._cancelled and self._task.uncancel() > 0
+        # NOTE: a block also cancelled by someone else (a shutdown) goes on being cancelled.
+        if not (others_cancelled and exc_type is asyncio.CancelledError):
+            raise self.lost from exc
+
+    async def _renew_while_held(self) -> None:
+        assert self.lease is not None
+        loop = asyncio.get_running_loop()
+        ttl_s = self.budget.lease_ttl_s
+        held_until = loop.time() + ttl_s  # NOTE: a lower bound of the lease's expiry in Redis, on this clock
+        # NOTE: `_leaving`, not only the cancellation, ends the loop: redis-py lets a command in flight finish and
+        # may drop the cancellation that came meanwhile (redis/redis-py#2666).
+        while not self._leaving:
+            await asyncio.sleep(ttl_s / 3)
+            while not self._leaving:
+                sent_at = loop.time()
+                if sent_at >= held_until:
+                    self._lose("Redis did not answer its renewals within the lease's TTL")
+                    return
+                try:
+                    async with asyncio.timeout(held_until - sent_at):
+                        self.lease = await self.budget.renew(self.lease)
+                except LeaseExpired:
+                    self._lose("Redis answered that it is gone (expired, or lost and lent since)")
+                    return
+                except (BudgetUnavailable, TimeoutError) as exc:
+                    log.warning("%s: renewal failed (%s); retrying until the lease's TTL runs out", self.holder, exc)
+                    await asyncio.sleep(min(QUEUE_POLL_S * 4, max(0.0, held_until - loop.time())))
+                    continue
+                held_until = sent_at + ttl_s
+                break
+
+    def _lose(self, reason: str) -> None:
+        """Stop the block: its tokens may be lent to someone else now (a block that already ended is left be)."""
+        self.lease = None
+        if self._leaving or self._task is None:
+            return
+        self.lost = LeaseLost(self.holder, self.budget.pool, reason)
+        log.warning("%s", self.lost)
+        self._cancelled = True
+        self._task.cancel()

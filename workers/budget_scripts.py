@@ -99,6 +99,19 @@ local function drop_lease(member)
   return cost
 end
 
+-- Sets `used` to the sum of the costs of `leases` (O(leases)): a partial loss of Redis' data can leave the two
+-- apart, which no other script would notice. Run where that matters: STATE, and a renewal that finds its lease lost.
+local function recount()
+  local total = 0
+  for _, member in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    total = total + cost_of(member)
+  end
+  if total ~= used then
+    used = total
+    redis.call('HSET', K_META, 'used', total)
+  end
+end
+
 local reclaimed = false
 local function reclaim()
   if reclaimed then return end
@@ -205,15 +218,29 @@ return answer('wait', redis.call('ZRANK', K_QUEUE, member))
 """
 
 RENEW = """
--- ARGV[2] member, [3] epoch that granted the lease.
--- renewed: new expiry ms; lost: 0, the lease is gone (expired, or lost with Redis' data).
+-- ARGV[2] member, [3] epoch that granted the lease, [4] its expiry ms as the holder last heard it.
+-- renewed: new expiry ms (the lease registered again if Redis had lost it); lost: 0, the lease is gone (it
+-- expired, or Redis lost it and lent its tokens to others meanwhile): the holder must stop using them.
 local member = ARGV[2]
 local status, expiry = 'lost', 0
 if live_expiry(member) then
   status, expiry = 'renewed', now + ttl_ms
   redis.call('ZADD', K_LEASES, 'XX', expiry, member)
-elseif ARGV[3] ~= epoch and recovering and fits(cost_of(member)) then
-  status, expiry = 'renewed', grant(member, cost_of(member), now + ttl_ms)
+else
+  -- NOTE: a lease unknown to Redis before the expiry its holder heard of was lost with Redis' latest writes while
+  -- the pool's state survived (a failover to a replica that lagged, a restart that lost the last second). Grants
+  -- then wait one TTL from now, so every holder of a lost lease registers it again before its tokens go to others.
+  local lost_while_held = tonumber(ARGV[4]) > now
+  if lost_while_held and ARGV[3] == epoch then
+    recover_until(now + ttl_ms)
+    recovering = true
+  end
+  if lost_while_held or (ARGV[3] ~= epoch and recovering) then
+    recount()
+    if fits(cost_of(member)) then
+      status, expiry = 'renewed', grant(member, cost_of(member), now + ttl_ms)
+    end
+  end
 end
 serve_queue('')
 return answer(status, expiry)
@@ -230,9 +257,10 @@ return answer('released', freed)
 """
 
 STATE = """
--- Answers used, capacity, leases, waiters, recovering-until ms, server time ms; reclaims every expired lease and
--- sweeps out every waiter that stopped asking.
+-- Answers used, capacity, leases, waiters, recovering-until ms, server time ms; reclaims every expired lease,
+-- recounts `used` and sweeps out every waiter that stopped asking.
 reclaim()
+recount()
 local waiters = redis.call('HGETALL', K_WAITERS)
 for i = 1, #waiters, 2 do
   if tonumber(waiters[i + 1]) <= now then dequeue(waiters[i]) end

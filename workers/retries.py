@@ -1,7 +1,8 @@
 """What happens to a job whose attempt failed: answered, retried later through `vlm.jobs.retry`, or dead-lettered.
 
-Only failures that another attempt can cure are retried (the engine failed, the store did not answer, a defect
-met the job); bad input is answered at once. Attempts are numbered from 0; backoff doubles per attempt.
+Only failures that another attempt can cure are retried (the engine failed, the store did not answer, the job's
+budget lease was lost, a defect met the job); bad input is answered at once. Attempts are numbered from 0;
+backoff doubles per attempt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from schemas.errors import ErrorCode
 from schemas.jobs import ImageJob, JobError, RetryJob
 from schemas.settings import WorkerSettings
 
-RETRYABLE_CODES: frozenset[ErrorCode] = frozenset({"engine_error", "image_fetch_failed", "internal_error"})
+RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
+    {"engine_error", "image_fetch_failed", "lease_lost", "internal_error"}
+)
 
 Route = Literal["answer", "retry", "dead_letter"]
 

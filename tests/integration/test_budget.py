@@ -1,5 +1,6 @@
 """The token budget against a real Redis (Valkey): lease life cycle, fairness across processes, a multi-process
-stress test with SIGKILLed holders, vanished waiters, and a Redis restart."""
+stress test with SIGKILLed holders, vanished waiters, a Redis restart, leases held with `hold` through Redis blips
+(a TCP proxy cut in front of the real server), and leases Redis loses while their holders use them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from schemas.settings import Settings, load_settings
 from tests.conftest import free_port_block
+from tests.support.tcp_proxy import TcpProxy
 from vlmflow.stack import LocalStack
 from workers import budget as budget_module
 from workers.budget import (
@@ -26,7 +28,9 @@ from workers.budget import (
     BudgetTimeout,
     BudgetUnavailable,
     CostExceedsCapacity,
+    Lease,
     LeaseExpired,
+    LeaseLost,
     TokenBudget,
 )
 from workers.budget_scripts import GRANTED_CHANNEL, key_prefix
@@ -223,23 +227,25 @@ async def test_lost_pool_state_is_rebuilt_by_renewals(redis: Redis) -> None:
 
 
 async def test_timeout_and_cancel_leave_the_queue(redis: Redis) -> None:
+    """The hog holds the whole pool and renews its lease, as every holder does, so however slow the machine its
+    5 s lease cannot lapse and hand the waiters tokens while the test waits on them."""
     budget = TokenBudget(redis, unique_pool(), capacity=100, lease_ttl_s=5)
-    assert await budget.try_reserve(100, "hog") is not None
-    started = time.monotonic()
-    with pytest.raises(BudgetTimeout, match="within 0.3 s"):
-        await budget.reserve(10, "late", timeout_s=0.3)
-    assert 0.3 <= time.monotonic() - started < 1.0
-    assert (await budget.state()).waiting == 0
-    waiting = asyncio.create_task(budget.reserve(10, "cancelled", timeout_s=30))
+    async with budget.hold(100, "hog", timeout_s=5):
+        started = time.monotonic()
+        with pytest.raises(BudgetTimeout, match="within 0.3 s"):
+            await budget.reserve(10, "late", timeout_s=0.3)
+        assert 0.3 <= time.monotonic() - started < 1.0
+        assert (await budget.state()).waiting == 0
+        waiting = asyncio.create_task(budget.reserve(10, "cancelled", timeout_s=30))
 
-    async def queued() -> bool:
-        return (await budget.state()).waiting == 1
+        async def queued() -> bool:
+            return (await budget.state()).waiting == 1
 
-    await wait_until(queued)
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
-    assert (await budget.state()).waiting == 0
+        await wait_until(queued)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert (await budget.state()).waiting == 0
 
 
 async def test_try_reserve_does_not_overtake_a_waiter(redis: Redis) -> None:
@@ -516,3 +522,173 @@ async def test_redis_restart_grants_nothing_twice(own_redis: LocalStack) -> None
             await connection.aclose()
     assert b_granted_at >= a_released_at > restarted
     assert sampler.over == [] and sampler.samples > 10
+
+
+# -- leases held with `hold`, through Redis blips and losses ---------------------------------------------------
+
+
+async def lose_grant(redis: Redis, pool: str, lease: Lease) -> None:
+    """What Redis leaves when it loses its latest writes (a failover to a replica that lagged, a restart that lost
+    the last second): the grant's effects undone as a unit (a script's writes replicate together), the rest of the
+    pool's state, its epoch included, kept."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(f"{key_prefix(pool)}leases", f"{lease.lease_id}|{lease.cost}|{lease.holder}")
+        pipe.hincrby(f"{key_prefix(pool)}meta", "used", -lease.cost)
+        await pipe.execute()
+
+
+def through_proxy(proxy: TcpProxy) -> Redis:
+    return client(proxy.url())
+
+
+def redis_address(settings: Settings) -> tuple[str, int]:
+    host_port = settings.redis.url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, port = host_port.rsplit(":", 1)
+    return host, int(port)
+
+
+async def test_hold_renews_while_held_and_releases_on_exit(redis: Redis) -> None:
+    pool = unique_pool()
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=2)
+    async with budget.hold(60, "holder", timeout_s=5) as held:
+        assert held.lease is not None
+        granted = held.lease
+        await asyncio.sleep(4.5)
+        assert held.lease is not None and held.lease.expires_at_ms > granted.expires_at_ms
+        assert await live_leases(redis, pool) == [(60, "holder")], "only renewals keep a lease past its TTL"
+    assert held.lease is None and held.lost is None
+    assert await live_leases(redis, pool) == []
+
+
+async def test_a_lease_lost_with_redis_latest_writes_is_registered_again(redis: Redis) -> None:
+    """Issue 12 item 6: the holder's next renewal finds its lease unknown before its expiry, registers it again
+    and makes grants wait a TTL, so others whose leases were lost too come back before anyone is lent more."""
+    pool = unique_pool()
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=2)
+    newcomer = TokenBudget(redis, pool, capacity=100, lease_ttl_s=2)
+    async with budget.hold(60, "A", timeout_s=5) as held:
+        assert held.lease is not None
+        await lose_grant(redis, pool, held.lease)
+        assert await live_leases(redis, pool) == []
+
+        async def registered_again() -> bool:
+            return await live_leases(redis, pool) == [(60, "A")]
+
+        await wait_until(registered_again)
+        assert await newcomer.try_reserve(30, "B") is None, "30 tokens fit, but grants wait after a loss"
+        state = await newcomer.state()
+        assert state.in_use == 60 and state.recovering_until_ms > state.server_time_ms
+        assert held.lost is None
+    assert await live_leases(redis, pool) == []
+
+
+async def test_a_lost_lease_whose_tokens_were_lent_stops_its_holder(redis: Redis) -> None:
+    """Issue 12 item 6: between the loss and the holder's renewal Redis lends the tokens again; the renewal cannot
+    register the lease without passing the capacity, so the holder's block is cancelled with `LeaseLost`."""
+    pool = unique_pool()
+    ttl_s = 6.0  # NOTE: the first renewal comes 2 s after the grant, well after the loss and B's reservation
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=ttl_s)
+    other = TokenBudget(redis, pool, capacity=100, lease_ttl_s=ttl_s)
+    sampler = Sampler(redis, TokenBudget(redis, pool, capacity=100, lease_ttl_s=ttl_s))
+    sampler.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(LeaseLost, match="lost while held"):
+            async with budget.hold(60, "A", timeout_s=5) as held:
+                assert held.lease is not None
+                await lose_grant(redis, pool, held.lease)
+                assert await other.try_reserve(60, "B") is not None
+                async with asyncio.timeout(10 * ttl_s):
+                    await asyncio.sleep(3600)  # the holder's work, which the loss must stop
+    finally:
+        await sampler.stop()
+    assert time.monotonic() - started < 2 * ttl_s
+    assert await live_leases(redis, pool) == [(60, "B")]
+    assert sampler.over == [] and sampler.samples > 0
+
+
+async def test_a_deleted_lease_set_is_recounted_and_registered_again(redis: Redis) -> None:
+    """A partial loss that leaves the `used` counter behind (the lease set alone gone): the renewal recounts
+    before registering the lease again, so the stale count neither blocks it nor doubles it."""
+    pool = unique_pool()
+    budget = TokenBudget(redis, pool, capacity=100, lease_ttl_s=2)
+    async with budget.hold(60, "A", timeout_s=5):
+        await redis.delete(f"{key_prefix(pool)}leases")
+
+        async def registered_again() -> bool:
+            return await live_leases(redis, pool) == [(60, "A")]
+
+        await wait_until(registered_again)
+        assert (await budget.state()).in_use == 60
+    assert (await budget.state()).in_use == 0
+
+
+async def test_renewals_ride_out_a_redis_blip_shorter_than_the_ttl(redis: Redis, stack_settings: Settings) -> None:
+    """Issue 12 item 7: Redis unreachable for less than the TTL costs retries, not the lease, and the lease is
+    released on the way out."""
+    pool = unique_pool()
+    async with TcpProxy(*redis_address(stack_settings)) as proxy:
+        connection = through_proxy(proxy)
+        budget = TokenBudget(connection, pool, capacity=100, lease_ttl_s=4)
+        try:
+            async with budget.hold(60, "A", timeout_s=5) as held:
+                proxy.cut()
+                await asyncio.sleep(2.0)  # past a renewal (every 1.3 s)
+                proxy.restore()
+                cut_ended_ms = (await redis.time())[0] * 1000
+
+                async def renewed_since() -> bool:
+                    return held.lease is not None and held.lease.expires_at_ms > cut_ended_ms + 2_000
+
+                await wait_until(renewed_since)
+                assert await live_leases(redis, pool) == [(60, "A")]
+            assert held.lost is None
+            assert await live_leases(redis, pool) == []
+        finally:
+            await connection.aclose()
+
+
+async def test_a_lease_that_lapses_while_redis_is_away_stops_its_holder(redis: Redis, stack_settings: Settings) -> None:
+    """Issue 12 item 7: Redis unreachable past the TTL: the lease may be lent to others now, so the holder's block
+    is cancelled with `LeaseLost` (no later than the TTL after its last renewal), and leaving does not raise for
+    the release Redis cannot take."""
+    pool = unique_pool()
+    ttl_s = 2.0
+    async with TcpProxy(*redis_address(stack_settings)) as proxy:
+        connection = through_proxy(proxy)
+        budget = TokenBudget(connection, pool, capacity=100, lease_ttl_s=ttl_s)
+        try:
+            with pytest.raises(LeaseLost, match="did not answer"):
+                async with budget.hold(60, "A", timeout_s=5):
+                    proxy.cut()
+                    cut_at = time.monotonic()
+                    async with asyncio.timeout(10 * ttl_s):
+                        await asyncio.sleep(3600)
+            assert time.monotonic() - cut_at <= ttl_s + 2.0
+        finally:
+            proxy.restore()
+            await connection.aclose()
+
+    async def lapsed() -> bool:
+        return await live_leases(redis, pool) == []
+
+    await wait_until(lapsed)
+
+
+async def test_leaving_a_hold_during_a_renewal_never_hangs(redis: Redis) -> None:
+    """redis-py lets a command in flight finish and may drop a cancellation that came meanwhile; a renewal loop
+    that relied on being cancelled then went on forever, and the job leaving its lease waited for it. A 3 ms lease
+    is renewed every millisecond, so leaving it hundreds of times meets renewals in flight (and sometimes finds it
+    lapsed on a loaded machine: that is `LeaseLost`, not a hang)."""
+    budget = TokenBudget(redis, unique_pool(), capacity=100, lease_ttl_s=0.003)
+    rng = random.Random(5)
+    for _ in range(1_000):
+        async with asyncio.timeout(5):
+            with contextlib.suppress(LeaseLost):
+                async with budget.hold(1, "short", timeout_s=5):
+                    await asyncio.sleep(rng.random() * 0.004)
+
+    async def all_released() -> bool:
+        return await live_leases(redis, budget.pool) == []
+
+    await wait_until(all_released)

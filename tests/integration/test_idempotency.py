@@ -4,6 +4,7 @@ record in, and what a worker then does, so that a consumer of vlm.jobs.result se
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -14,12 +15,13 @@ from schemas.codec import encode
 from schemas.connections import aiokafka_options, redis_client
 from schemas.jobs import JobResult
 from schemas.settings import Settings
+from schemas.topics import Topic
 from tests.support.worker_harness import ResultReader, submit, worker_settings
 from vlmflow.job_mix import JobMix, PlannedJob
 from workers.engines.instant import InstantEngine
 from workers.idempotency import IdempotencyRecords
 from workers.metrics import JOBS_DUPLICATE
-from workers.worker import RESULTS_TOPIC, Worker
+from workers.worker import Worker
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ async def publish_result(settings: Settings, job: PlannedJob) -> int:
     await producer.start()
     try:
         result = JobResult(job_id=job.job_id, status="ok", task=job.task, output={"caption": "earlier"})
-        metadata = await producer.send_and_wait(RESULTS_TOPIC, encode(result), key=job.job_id.encode())
+        metadata = await producer.send_and_wait(Topic.JOBS_RESULT, encode(result), key=job.job_id.encode())
     finally:
         await producer.stop()
     return metadata.partition
@@ -117,3 +119,36 @@ async def test_job_claimed_by_a_live_worker_is_waited_for_then_taken_over(settin
         log = await reader.wait_for({job.job_id}, timeout_s=20, settle_s=1.0)
     assert time.monotonic() - started >= 1.5, "the worker waited for the other claim to run out"
     assert [(result.job_id, result.status) for result in log.records] == [(job.job_id, "ok")]
+
+
+async def never_read_back(job_id: str, partition: int, from_offset: int | None) -> bool:
+    raise AssertionError("no job here is in doubt")
+
+
+async def test_a_claim_is_renewed_while_held_and_released_on_exit(settings: Settings) -> None:
+    redis = redis_client(settings)
+    records = IdempotencyRecords(redis, claim_ttl_s=0.6, record_ttl_s=60)
+    try:
+        async with records.hold("held-job", "me", read_back=never_read_back) as claim:
+            assert not claim.answered
+            await asyncio.sleep(1.5)
+            assert (await records.claim("held-job", "other")).state == "busy", "renewals keep it past its TTL"
+        assert await record_state(settings, "held-job") is None, "a claim that published nothing is released"
+    finally:
+        await redis.aclose()
+
+
+async def test_leaving_a_claim_during_a_renewal_never_hangs(settings: Settings) -> None:
+    """redis-py lets a command in flight finish and may drop a cancellation that came meanwhile; a renewal loop
+    that relied on being cancelled then went on forever, and the job leaving its claim waited for it. A 3 ms claim
+    is renewed every millisecond, so leaving it hundreds of times meets renewals in flight."""
+    redis = redis_client(settings)
+    records = IdempotencyRecords(redis, claim_ttl_s=0.003, record_ttl_s=60)
+    rng = random.Random(5)
+    try:
+        for n in range(1_000):
+            async with asyncio.timeout(5):
+                async with records.hold(f"renewed-{n}", "me", read_back=never_read_back):
+                    await asyncio.sleep(rng.random() * 0.004)
+    finally:
+        await redis.aclose()

@@ -1,26 +1,35 @@
-"""What the worker tests share: settings for a worker under test, submitting planned jobs, collecting every
-result record (duplicates included), checking results against their plan, and sampling the budget."""
+"""What the worker tests share: settings for a worker under test, a worker running in the test's process,
+submitting planned jobs, collecting every result record (duplicates included), checking results against their
+plan, sampling the budget, and an in-memory producer for driving the serving path of many jobs without a broker."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.structs import RecordMetadata
 
 from schemas.codec import decode
 from schemas.connections import aiokafka_options, redis_client
 from schemas.jobs import JobResult
 from schemas.settings import Settings
 from schemas.tasks import MODEL_BOX_FIELD, validate_answer
-from schemas.topics import Topic
+from schemas.topics import TOPICS, Topic
 from tests.conftest import free_port_block
 from vlmflow.job_mix import UNREACHABLE_HOST, PlannedJob
 from workers.budget import TokenBudget
+from workers.engines.base import Engine
+from workers.publisher import Producer
+from workers.worker import Worker
 
 
 def worker_settings(settings: Settings, **worker: object) -> Settings:
@@ -39,6 +48,80 @@ def worker_settings(settings: Settings, **worker: object) -> Settings:
             ),
         }
     )
+
+
+@dataclass(frozen=True)
+class SentRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+class MemoryProducer:
+    """A `workers.publisher.Producer` that keeps every record in memory, with the checks aiokafka's producer makes
+    before sending: a record over `max_request_size` is refused (`MessageSizeTooLargeError`), a topic nobody
+    created never gets metadata (`KafkaTimeoutError`), and keys are partitioned as aiokafka does. For the fuzz
+    test's thousands of jobs in-process; what the broker itself does is covered by the tests against it."""
+
+    def __init__(self, *, max_request_size: int, extra_topics: dict[str, int] | None = None):
+        self.max_request_size = max_request_size
+        self.partitions = {name: spec.partitions for name, spec in TOPICS.items()} | (extra_topics or {})
+        self.sent: list[SentRecord] = []
+        self._ends: Counter[tuple[str, int]] = Counter()
+        self._partitioner = DefaultPartitioner()
+
+    async def start(self) -> None:
+        """Nothing to connect."""
+
+    async def stop(self) -> None:
+        """Nothing to close."""
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        if topic not in self.partitions:
+            raise KafkaTimeoutError(f"no metadata for topic {topic!r}")
+        return set(range(self.partitions[topic]))
+
+    async def send_and_wait(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int | None = None
+    ) -> RecordMetadata:
+        assert value is not None
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
+        if size > self.max_request_size:
+            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
+        every = sorted(await self.partitions_for(topic))
+        chosen = partition if partition is not None else int(self._partitioner(key, every, every))
+        offset = self._ends[topic, chosen]
+        self._ends[topic, chosen] += 1
+        self.sent.append(SentRecord(topic, chosen, offset, key, value))
+        return RecordMetadata(topic, chosen, TopicPartition(topic, chosen), offset, -1, 0, 0)
+
+    def on(self, topic: str) -> list[SentRecord]:
+        return [record for record in self.sent if record.topic == topic]
+
+
+@asynccontextmanager
+async def running_worker(
+    settings: Settings, engine: Engine, *, producer: Producer | None = None, ready_timeout_s: float = 60.0
+) -> AsyncIterator[Worker]:
+    """A worker serving in this process (`Worker.run`) for the block; stopped after it, and the block fails if
+    the worker stopped by itself (a job took it down)."""
+    worker = Worker(settings, engine, producer=producer)
+    ready = asyncio.Event()
+    running = asyncio.create_task(worker.run(ready=ready))
+    started = asyncio.create_task(ready.wait())
+    await asyncio.wait({running, started}, timeout=ready_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    started.cancel()
+    if running.done():
+        running.result()
+    assert ready.is_set(), f"the worker was not ready within {ready_timeout_s} s"
+    try:
+        yield worker
+        assert not running.done(), f"the worker stopped by itself: {running.exception()!r}"
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 60)
 
 
 async def submit(settings: Settings, jobs: Iterable[PlannedJob]) -> None:
