@@ -1,7 +1,8 @@
 """The `vlmflow` command line. Each area registers its subcommands from `vlmflow/commands/<area>.py`.
 
 Errors a user can act on (bad configuration, an unreachable server, bad input) print as one line on stderr
-and exit with status 2; only defects show a traceback.
+and exit with status 2; only defects show a traceback. No secret reaches the terminal: every line printed here
+goes through `schemas.settings.redact` (URL passwords, the configured secret values).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from schemas.errors import VlmflowError, first_error
-from schemas.settings import Settings, load_settings
+from schemas.settings import Settings, load_settings, redact
 
 COMMAND_MODULES = (
     "vlmflow.commands.dev",
@@ -67,7 +68,7 @@ def one_line_error(exc: BaseException, settings: Settings | None) -> str | None:
         return f"invalid setting {where}: {message}"
     kafka = settings.kafka.bootstrap_servers if settings else "the configured broker"
     s3 = settings.s3.endpoint if settings else "the configured S3 endpoint"
-    redis_url = settings.redis.url if settings else "the configured Redis"
+    redis_url = redact(settings.redis.url, settings) if settings else "the configured Redis"
     if isinstance(exc, KafkaError | AsyncKafkaError):
         return f"Kafka at {kafka}: {type(exc).__name__}: {exc}"
     if isinstance(exc, S3Error):
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = one_line_error(exc, settings)
         if message is None:
             raise
-        print(f"vlmflow: error: {message}", file=sys.stderr)
+        print(f"vlmflow: error: {redact(message, settings)}", file=sys.stderr)
         return 2
 
 

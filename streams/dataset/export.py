@@ -11,6 +11,11 @@ Layout of an export (a directory, or the same files under an `s3://bucket/prefix
 The same recipe, seed and inputs give the same bytes: every draw is seeded (`streams.dataset.mixing`), files are written
 with sorted keys, images are named by content, and nothing records when it was made.
 
+Confinement: sources and images are read only from inside the recipe's directory (local paths, relative, after
+resolving links) and from the configured buckets (`s3.image_buckets` and `s3.dataset_bucket`); an image location
+names whatever a log said, so anything else (an absolute path, `..` out of the directory, another bucket, a key
+with `.` or `..` segments) stops the export with one line naming it, before anything is read.
+
 Per phase: each source's examples are split into train and eval by task *before* resampling (an example never
 lands in both); negatives are made from their base source's train and eval parts separately; then each split is
 mixed by the recipe ratios. Boxes are converted from the normalized `bbox_xyxy` (pixels of the original image) to
@@ -25,8 +30,9 @@ import io
 import json
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -76,18 +82,44 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _read_bytes(location: str, base_dir: Path, store: Minio) -> bytes:
-    """A local file (relative to the recipe) or an `s3://` object."""
+def confined(location: str, base_dir: Path, buckets: Sequence[str]) -> Path | tuple[str, str]:
+    """Where an export may read `location`: a file inside `base_dir`, or `(bucket, key)` in one of `buckets`;
+    `ExportError` for anything else (see the module docstring)."""
+    if location.startswith("s3://"):
+        bucket, key = split_s3(location)
+        if bucket not in buckets:
+            raise ExportError(f"{location}: bucket {bucket!r} is not one an export reads ({', '.join(buckets)})")
+        if any(segment in ("", ".", "..") for segment in key.split("/")):
+            raise ExportError(f"{location}: empty, '.' or '..' segment in the key")
+        return bucket, key
+    if "\x00" in location:
+        raise ExportError(f"{location!r}: a NUL character in a path")
+    if PurePosixPath(location).is_absolute() or Path(location).is_absolute():
+        raise ExportError(
+            f"{location!r}: an absolute path; local files are read relative to the recipe, inside {base_dir}"
+        )
+    root = base_dir.resolve()
     try:
-        if location.startswith("s3://"):
-            bucket, key = split_s3(location)
-            response = store.get_object(bucket, key)
+        path = (root / location).resolve()
+    except (OSError, RuntimeError) as exc:  # NOTE: RuntimeError: a loop of symbolic links
+        raise ExportError(f"{location!r}: cannot be resolved ({exc})") from None
+    if not path.is_relative_to(root):
+        raise ExportError(f"{location!r}: outside the recipe's directory {root}")
+    return path
+
+
+def _read_bytes(location: str, base_dir: Path, store: Minio, buckets: Sequence[str]) -> bytes:
+    """A local file inside the recipe's directory or an `s3://` object of the configured buckets."""
+    where = confined(location, base_dir, buckets)
+    try:
+        if isinstance(where, tuple):
+            response = store.get_object(*where)
             try:
                 return response.read()
             finally:
                 response.close()
                 response.release_conn()
-        return (base_dir / location).read_bytes()
+        return where.read_bytes()
     except S3Error as exc:
         raise ExportError(f"cannot read {location}: {exc.code}") from None
     except OSError as exc:
@@ -184,14 +216,15 @@ class _Exporter:
         self.store = object_store(settings)
         family_default = vision_spec(recipe.target.family).max_pixels
         self.max_pixels = recipe.target.max_pixels or settings.model.max_pixels or family_default
+        self.buckets = [*settings.s3.image_buckets, settings.s3.dataset_bucket]
         self._golden_topic: list[GoldenRecord] | None = None
 
     def load(self, source: JsonlSource | GoldenSource) -> list[Example]:
         if isinstance(source, JsonlSource):
-            data = _read_bytes(source.path, self.base_dir, self.store)
+            data = _read_bytes(source.path, self.base_dir, self.store, self.buckets)
             return examples_from_jsonl(data, source=source.name, default_task=source.task, where=source.path)
         if source.path is not None:
-            records = parse_snapshot(_read_bytes(source.path, self.base_dir, self.store), source.path)
+            records = parse_snapshot(_read_bytes(source.path, self.base_dir, self.store, self.buckets), source.path)
         else:
             if self._golden_topic is None:
                 self._golden_topic = read_golden(self.settings)
@@ -229,7 +262,7 @@ class _Exporter:
     def fetch_images(self, uris: list[str], root: Path) -> dict[str, ExportedImage]:
         exported = {}
         for uri in tqdm(uris, desc="images", unit="img", disable=None):
-            data = _read_bytes(uri, self.base_dir, self.store)
+            data = _read_bytes(uri, self.base_dir, self.store, self.buckets)
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     width, height, kind = image.width, image.height, (image.format or "img").lower()

@@ -10,23 +10,36 @@ Grammar (keywords are case-insensitive; `and` binds tighter than `or`):
     conj       := neg ('and' neg)*
     neg        := 'not' neg | '(' expr ')' | comparison
     comparison := FIELD OP VALUE | FIELD ['not'] 'in' '(' VALUE (',' VALUE)* ')'
-    OP         := '=' | '==' | '!=' | '<' | '<=' | '>' | '>=' | '~'   (~ is a regular-expression search)
+    OP         := '=' | '==' | '!=' | '<' | '<=' | '>' | '>=' | '~'   (~ is a regular-expression search, RE2)
     FIELD      := a dotted path into the value, e.g. error.code or images.0 (a list index)
     VALUE      := a bare word, or a quoted string ('...' or "...", backslash escapes)
 
 A value is compared with what the field holds: numbers numerically, `true`/`false` with booleans, `null` with
 null, strings as text; against a list, a comparison holds when it holds for any element. A missing field, or a
 value of another type, makes `=`, `in`, ordering and `~` false; `!=` and `not in` are their exact negations.
+
+Bounds, since filters and records both come from outside: a filter holds at most `MAX_TERMS` comparisons, nests
+`not` and parentheses at most `MAX_NESTING` deep, and its regular expressions run on RE2 (`google-re2`), in time
+linear in the text searched; a construct RE2 cannot run in linear time (backreferences, lookaround) is refused
+at parse time with one line. Evaluation walks nested lists without recursion and reads integers of any length, so
+`matches` holds or fails for every JSON document and never raises. A record value that is no JSON document
+(`document_of`: not UTF-8 JSON, nested past the decoder's recursion limit, an integer over Python's digit limit)
+raises `UnreadableRecord`, which a replay counts and skips.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import operator
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal, get_args
+
+import re2
 
 from schemas.errors import VlmflowError
 
@@ -34,6 +47,12 @@ CompareOp = Literal["=", "!=", "<", "<=", ">", ">=", "~"]
 COMPARE_OPS: tuple[CompareOp, ...] = get_args(CompareOp)
 KEYWORDS = ("and", "or", "not", "in")
 EXAMPLE = "status=error and tenant in (acme,globex)"
+MAX_TERMS = 64
+"""Comparisons in one filter; it bounds the syntax tree's depth, and so evaluation's."""
+MAX_NESTING = 32
+"""`not`s and parentheses open at once."""
+MAX_LIST_INDEX_DIGITS = 9
+"""A longer dotted part is a key, never a list index (no list is that long)."""
 
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
 _WORD = re.compile(r"[^\s()=!<>~,'\"\\]+")
@@ -41,10 +60,16 @@ _NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 _TOKEN_OPS = ("==", "!=", "<=", ">=", "=", "<", ">", "~")
 _ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _MISSING = object()
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # NOTE: the refusal is the FilterError's one line, not a log on stderr as well
 
 
 class FilterError(VlmflowError, ValueError):
     """A filter expression that does not parse; the message says where and what was expected."""
+
+
+class UnreadableRecord(VlmflowError, ValueError):
+    """A record value that is no JSON document a filter can read; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,8 @@ class _Parser:
         self.text = text
         self.tokens = list(_tokens(text))
         self.index = 0
+        self.terms = 0
+        self.nesting = 0
 
     @property
     def current(self) -> _Token:
@@ -179,18 +206,24 @@ class _Parser:
         return result
 
     def negation(self) -> Expr:
-        if self.current.is_keyword("not"):
-            self.advance()
-            return Not(self.negation())
-        if self.current.kind == "(":
-            self.advance()
-            inner = self.expression()
-            self.expect(")", "')'")
-            return inner
+        if self.current.is_keyword("not") or self.current.kind == "(":
+            if self.nesting == MAX_NESTING:
+                raise _error(self.text, self.current.column, f"more than {MAX_NESTING} nested 'not's and '('s")
+            self.nesting += 1
+            if self.advance().kind == "(":
+                result = self.expression()
+                self.expect(")", "')'")
+            else:
+                result = Not(self.negation())
+            self.nesting -= 1
+            return result
         return self.comparison()
 
     def comparison(self) -> Expr:
         token = self.current
+        if self.terms == MAX_TERMS:
+            raise _error(self.text, token.column, f"more than {MAX_TERMS} comparisons")
+        self.terms += 1
         if token.kind != "word" or token.text.lower() in KEYWORDS or not _FIELD.match(token.text):
             raise self.fail("a field name (e.g. status or error.code)")
         field = self.advance().text
@@ -224,9 +257,12 @@ class _Parser:
 
 def _check_regex(text: str, pattern: str, column: int) -> None:
     try:
-        re.compile(pattern)
-    except (re.error, OverflowError, RecursionError) as exc:
-        raise _error(text, column, f"bad regular expression {pattern!r} ({exc})") from None
+        _regex(pattern)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise _error(
+            text, column, f"bad regular expression {pattern!r} for RE2, which runs in linear time ({reason})"
+        ) from None
 
 
 def parse(text: str) -> Expr:
@@ -298,27 +334,72 @@ def matches(expression: Expr, document: Any) -> bool:
             return matches(left, document) or matches(right, document)
 
 
+def document_of(value: bytes | None) -> Any:
+    """A record value as the JSON document a filter reads (None for a tombstone); `UnreadableRecord` otherwise."""
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise UnreadableRecord("nested too deeply for the JSON decoder") from None
+    except UnicodeDecodeError:
+        raise UnreadableRecord("not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UnreadableRecord(f"not JSON ({exc.msg} at character {exc.pos})") from None
+    except ValueError as exc:
+        raise UnreadableRecord(f"not a JSON document Python reads ({str(exc)[:120]})") from None
+
+
 def _lookup(document: Any, field: str) -> Any:
     current = document
     for part in field.split("."):
         if isinstance(current, dict) and part in current:
             current = current[part]
-        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+        elif _is_index(part) and isinstance(current, list) and int(part) < len(current):
             current = current[int(part)]
         else:
             return _MISSING
     return current
 
 
+def _is_index(part: str) -> bool:
+    return part.isascii() and part.isdigit() and len(part) <= MAX_LIST_INDEX_DIGITS
+
+
+def _leaves(found: Any) -> Iterator[Any]:
+    """`found`, or the items of a list of (lists of) values in order, walked without recursion."""
+    stack = [iter([found])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
+
+
+@lru_cache(maxsize=256)
 def _number(text: str) -> int | float | None:
+    """The number `text` spells; an integer beyond Python's digit limit is beyond any integer JSON decoding gives,
+    so only its sign matters for comparing with one: it becomes an infinity."""
     if not _NUMBER.match(text):
         return None
-    return float(text) if any(mark in text for mark in ".eE") else int(text)
+    if any(mark in text for mark in ".eE"):
+        return float(text)
+    negative = text.startswith("-")
+    digits = text.removeprefix("-").lstrip("0") or "0"
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits) > limit:
+        return -math.inf if negative else math.inf
+    return -int(digits) if negative else int(digits)
 
 
 def _equal(found: Any, value: str) -> bool:
-    if isinstance(found, list):
-        return any(_equal(item, value) for item in found)
+    return any(_equal_one(item, value) for item in _leaves(found))
+
+
+def _equal_one(found: Any, value: str) -> bool:
     if isinstance(found, bool):
         return value.lower() == ("true" if found else "false")
     if found is None:
@@ -330,8 +411,10 @@ def _equal(found: Any, value: str) -> bool:
 
 
 def _ordered(found: Any, op: CompareOp, value: str) -> bool:
-    if isinstance(found, list):
-        return any(_ordered(item, op, value) for item in found)
+    return any(_ordered_one(item, op, value) for item in _leaves(found))
+
+
+def _ordered_one(found: Any, op: CompareOp, value: str) -> bool:
     if isinstance(found, bool):
         return False
     if isinstance(found, int | float):
@@ -341,11 +424,10 @@ def _ordered(found: Any, op: CompareOp, value: str) -> bool:
 
 
 @lru_cache(maxsize=64)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _regex(pattern: str) -> re2._Regexp:
+    return re2.compile(pattern, _RE2_OPTIONS)
 
 
 def _search(found: Any, pattern: str) -> bool:
-    if isinstance(found, list):
-        return any(_search(item, pattern) for item in found)
-    return isinstance(found, str) and _regex(pattern).search(found) is not None
+    regex = _regex(pattern)
+    return any(isinstance(item, str) and regex.search(item) is not None for item in _leaves(found))

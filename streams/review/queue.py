@@ -1,8 +1,10 @@
 """The correction queue in Redis: hard cases served highest priority first, each claimed under a lease.
 
 A reviewer claims the top case and holds it until the lease ends; an abandoned claim returns to the queue by
-itself. Every operation is one Lua script that reads Redis's own clock (`TIME`), so the workers' and reviewers'
-clocks never matter, and every script first hands expired leases back to the queue. All keys of one queue share
+itself. A renewal extends a lease and never shortens it, so a step that only needs the claim to outlive it (a
+submission's publish) cannot cut a reviewer's time short. Every operation is one Lua script that reads Redis's
+own clock (`TIME`), so the workers' and reviewers' clocks never matter, and every script first hands expired
+leases back to the queue. All keys of one queue share
 the hash tag `{review:<name>}`, so the scripts run unchanged on Redis Cluster.
 
 Keys (`vlmflow:{review:<name>}:<part>`):
@@ -18,12 +20,17 @@ Keys (`vlmflow:{review:<name>}:<part>`):
 | `skips`       | hash | case_id → reviewers who skipped it, one a line (they are not served it again) |
 | `done`        | hash | case_id → `{reviewer, at_ms}`: submitted cases are never queued again     |
 | `counters`    | hash | enqueued, claimed, lapsed, skipped, submitted                             |
+| `arrivals`    | zset | case_id → when it was first queued (ms, Redis time), until it is submitted |
+
+Enqueueing is idempotent per case_id: a queued case is updated in place, a claimed one stays claimed, a submitted
+one is never queued again, and `enqueued` counts each case once.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,12 +43,17 @@ from schemas.errors import VlmflowError
 SCAN_LIMIT = 100
 """How many of the top pending cases a claim looks through for one the reviewer has not skipped."""
 
-_KEY_PARTS = ("pending", "leases", "cases", "priorities", "claims", "suggestions", "skips", "done", "counters")
+_KEY_PARTS = (
+    "pending", "leases", "cases", "priorities", "claims", "suggestions", "skips", "done", "counters", "arrivals"
+)  # fmt: skip
+ARRIVALS_SCAN_LIMIT = 1_000
+"""How many of the earliest-queued cases `stats` looks through for the oldest one still pending (the others
+before it are claimed, so this bounds the reviewers at work, not the queue)."""
 
 # NOTE: every script gets the keys in `_KEY_PARTS` order and starts with this prelude.
 _PRELUDE = """
-local pending, leases, cases, priorities, claims, suggestions, skips, done, counters =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local pending, leases, cases, priorities, claims, suggestions, skips, done, counters, arrivals =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
@@ -63,7 +75,8 @@ local function live_claim()
 end
 """
 
-# ARGV: case_id, priority, case JSON. Returns 0 (already submitted), 1 (queued) or 2 (updated, stays claimed).
+# ARGV: case_id, priority, case JSON. Returns 0 (already submitted), 1 (queued anew), 2 (updated, stays claimed)
+# or 3 (updated in the queue).
 _ENQUEUE = (
     _PRELUDE
     + """
@@ -71,11 +84,14 @@ local id = ARGV[1]
 if redis.call('HEXISTS', done, id) == 1 then return 0 end
 redis.call('HSET', cases, id, ARGV[3])
 redis.call('HSET', priorities, id, ARGV[2])
+redis.call('ZADD', arrivals, 'NX', now, id)
 if redis.call('ZSCORE', leases, id) then return 2 end
-if redis.call('ZADD', pending, tonumber(ARGV[2]), id) == 1 then redis.call('HINCRBY', counters, 'enqueued', 1) end
+if redis.call('ZADD', pending, tonumber(ARGV[2]), id) == 0 then return 3 end
+redis.call('HINCRBY', counters, 'enqueued', 1)
 return 1
 """
 )
+QUEUED_ANEW = 1
 
 # ARGV: reviewer, token, lease_ms, scan limit. Returns false or {case_id, case JSON, suggestion or '', lease end}.
 _CLAIM = (
@@ -97,12 +113,13 @@ return false
 )
 
 # ARGV: case_id, token, lease_ms. Returns {'ok', case JSON, suggestion or '', lease end, reviewer} or {reason}.
+# The lease ends at the later of its current end and now + lease_ms.
 _RENEW = (
     _PRELUDE
     + """
 local claim, why = live_claim()
 if not claim then return {why} end
-local ends = now + tonumber(ARGV[3])
+local ends = math.max(now + tonumber(ARGV[3]), tonumber(redis.call('ZSCORE', leases, ARGV[1]) or '0'))
 redis.call('ZADD', leases, ends, ARGV[1])
 return {'ok', redis.call('HGET', cases, ARGV[1]), redis.call('HGET', suggestions, ARGV[1]) or '', tostring(ends),
         claim.reviewer}
@@ -117,6 +134,7 @@ local claim, why = live_claim()
 if not claim then return {why} end
 local id = ARGV[1]
 redis.call('ZREM', leases, id)
+redis.call('ZREM', arrivals, id)
 for _, key in ipairs({claims, cases, priorities, suggestions, skips}) do redis.call('HDEL', key, id) end
 redis.call('HSET', done, id, cjson.encode({reviewer = claim.reviewer, at_ms = now}))
 redis.call('HINCRBY', counters, 'submitted', 1)
@@ -164,12 +182,21 @@ return out
 """
 )
 
-# Returns {pending, leased, submitted, top priority or '', counters as name, value, ...}.
+# ARGV: arrivals scan limit. Returns {pending, leased, submitted, top priority or '', ms the oldest pending case has
+# been queued or '', counters as name, value, ...}.
 _STATS = (
     _PRELUDE
     + """
 local top = redis.call('ZREVRANGE', pending, 0, 0, 'WITHSCORES')
-return {redis.call('ZCARD', pending), redis.call('ZCARD', leases), redis.call('HLEN', done), top[2] or '',
+local oldest = ''
+local earliest = redis.call('ZRANGE', arrivals, 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+for i = 1, #earliest, 2 do
+  if redis.call('ZSCORE', pending, earliest[i]) then
+    oldest = tostring(now - tonumber(earliest[i + 1]))
+    break
+  end
+end
+return {redis.call('ZCARD', pending), redis.call('ZCARD', leases), redis.call('HLEN', done), top[2] or '', oldest,
         unpack(redis.call('HGETALL', counters))}
 """
 )
@@ -210,6 +237,9 @@ class QueueStats:
     """Priority of the case `next` would serve; None when the queue is empty."""
     counters: dict[str, int]
     """Totals since the queue began: enqueued, claimed, lapsed, skipped, submitted."""
+    oldest_pending_age_s: float | None = None
+    """How long (Redis time) the pending case queued first has been waiting since it was first queued; None when
+    nothing is pending."""
 
 
 def _ms_to_datetime(ms: bytes | str) -> datetime:
@@ -243,6 +273,18 @@ class CorrectionQueue:
         result = await self._enqueue(keys=self.keys, args=[case.case_id, case.priority, case.model_dump_json()])
         return int(result) != 0
 
+    async def enqueue_many(self, cases: Sequence[HardCase]) -> int:
+        """`enqueue` for every case, in one round trip (one script call each, pipelined); how many were queued
+        anew (not submitted before, not already queued or claimed)."""
+        if not cases:
+            return 0
+        pipeline = self.redis.pipeline(transaction=False)
+        for case in cases:
+            await self._enqueue(
+                keys=self.keys, args=[case.case_id, case.priority, case.model_dump_json()], client=pipeline
+            )
+        return sum(1 for result in await pipeline.execute() if int(result) == QUEUED_ANEW)
+
     async def claim(self, reviewer: str, lease_s: float) -> Claim | None:
         """The highest-priority case this reviewer has not skipped, leased for `lease_s`; None when none is left."""
         if not reviewer or "\n" in reviewer:
@@ -260,8 +302,13 @@ class CorrectionQueue:
             suggestion=json.loads(suggestion) if suggestion else None,
         )
 
+    async def held(self, case_id: str, token: str) -> Claim:
+        """A live claim as it stands, unchanged. `ClaimLost` otherwise."""
+        return await self.renew(case_id, token, 0.0)
+
     async def renew(self, case_id: str, token: str, lease_s: float) -> Claim:
-        """Extend a live claim to `lease_s` from now and return it as it stands. `ClaimLost` otherwise."""
+        """Extend a live claim to at least `lease_s` from now (never shortening it) and return it as it stands.
+        `ClaimLost` otherwise."""
         result = await self._renew(keys=self.keys, args=[case_id, token, round(lease_s * 1000)])
         if _text(result[0]) != "ok":
             raise ClaimLost(case_id, _text(result[0]))
@@ -300,7 +347,9 @@ class CorrectionQueue:
         ]
 
     async def stats(self) -> QueueStats:
-        pending, leased, submitted, top, *counters = await self._stats(keys=self.keys, args=[])
+        pending, leased, submitted, top, oldest, *counters = await self._stats(
+            keys=self.keys, args=[ARRIVALS_SCAN_LIMIT]
+        )
         pairs = dict(zip(counters[::2], counters[1::2], strict=True))
         return QueueStats(
             pending=int(pending),
@@ -308,4 +357,5 @@ class CorrectionQueue:
             submitted=int(submitted),
             top_priority=int(float(top)) if top else None,
             counters={_text(name): int(value) for name, value in pairs.items()},
+            oldest_pending_age_s=int(oldest) / 1000 if oldest else None,
         )

@@ -1,7 +1,8 @@
 """Submitting a reviewer's answer: the one place that orders the steps, so a correction is never lost.
 
 A correction is published *before* its case leaves the queue: if the process dies in between, the lease lapses
-and the case is served again (at least once; the golden agent adds no version for the same answer twice).
+and the case is served again (at least once; the golden agent adds no version for the same answer twice). The
+answer is validated before the claim is touched, so a refused answer leaves the reviewer's lease as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from streams.review.queue import ClaimLost, CorrectionQueue
 log = logging.getLogger(__name__)
 
 PUBLISH_GRACE_S = 60.0
-"""The claim is renewed for this long before publishing, so it cannot lapse while the correction is on its way."""
+"""The claim is renewed to last at least this long before publishing (a renewal never shortens a lease), so it
+cannot lapse while the correction is on its way."""
 
 Publish = Callable[[Correction], Awaitable[None]]
 """Sends one correction to `vlm.corrections.done` and returns once the broker acknowledged it."""
@@ -39,8 +41,8 @@ async def submit_correction(
 
     Raises `ClaimLost` when the claim is not live, `InvalidAnswer` when the answer does not fit the task.
     """
-    # Step 1. The claim is live; renewing it keeps it so while the correction is published.
-    case = (await queue.renew(case_id, token, PUBLISH_GRACE_S)).case
+    # Step 1. The claim is live (read, not renewed: a refused answer must not change the reviewer's lease).
+    case = (await queue.held(case_id, token)).case
     # Step 2. The answer fits the task's schema (the reviewer's slip is caught here, not in a training run).
     task = task or case.log.task
     if task is None:
@@ -57,9 +59,11 @@ async def submit_correction(
         reviewer=reviewer,
         case=case,
     )
-    # Step 3. Published and acknowledged.
+    # Step 3. The claim outlives the publish: renewed to last at least PUBLISH_GRACE_S.
+    await queue.renew(case_id, token, PUBLISH_GRACE_S)
+    # Step 4. Published and acknowledged.
     await publish(correction)
-    # Step 4. Off the queue. A claim lost only now still has its correction published: the case may be served
+    # Step 5. Off the queue. A claim lost only now still has its correction published: the case may be served
     # again, and a second answer becomes the record's next version.
     try:
         await queue.complete(case_id, token)

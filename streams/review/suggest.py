@@ -31,15 +31,17 @@ async def suggest_answer(engine: Any, case: HardCase, settings: Settings, store:
     images = await load_images([image.uri for image in log.images], settings, store)
     schema = task_schema(log.task, box_field=MODEL_BOX_FIELD[settings.model.family])
     output = await engine.generate(
-        EngineRequest(prompt=log.prompt, images=[i.image for i in images], json_schema=schema)
+        EngineRequest(
+            prompt=log.prompt, images=[i.image for i in images], json_schema=schema, images_at_final_size=True
+        )
     )
     if not isinstance(output.parsed_json, dict):
         raise SuggestError(f"case {case.case_id}: the model's answer is no JSON object")
-    first = images[0].image if images else None
+    first = images[0].size if images else None
     answer, problems = normalize_objects(
         output.parsed_json,
-        width=first.width if first else None,
-        height=first.height if first else None,
+        width=first[0] if first else None,
+        height=first[1] if first else None,
         synonyms=settings.streams.label_synonyms,
     )
     if problems or not isinstance(answer, dict):

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
 from schemas.settings import Settings
 from streams.ops.rate_limit import DEFAULT_SLACK_S
@@ -221,3 +222,45 @@ def test_bad_input_is_one_clear_line(
         assert len(lines) == 1 and lines[0].startswith("vlmflow: error: ") and message in lines[0], (argv, captured.err)
         assert captured.out == ""
     assert not (settings.state_dir / "replays").exists()
+
+
+def test_records_the_filter_cannot_read_are_skipped_and_reported_and_a_resume_goes_past_them(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record nested 100,000 deep, one with a 5,000-digit number and one that is no UTF-8 are counted and listed,
+    never sent and never a crash: a resume from before them goes past them too (it used to stop on them forever)."""
+    for name, value in cli_environment(settings).items():
+        monkeypatch.setenv(name, value)
+    create_topics(settings, {SOURCE: 1, DESTINATION: 1})
+    values = [
+        b'{"status": "error", "i": 0}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"status": "error", "n": ' + b"1" * 5_000 + b"}",
+        b"\xff\xfe not text",
+        b'{"status": "ok", "n": 12}',
+        b'{"status": "ok", "i": 5}',
+    ]
+    producer = KafkaProducer(**settings.kafka.client_options(), max_request_size=2**21)
+    for value in values:
+        producer.send(SOURCE, value=value, partition=0).get(timeout=10)
+    producer.close()
+    request = ReplayRequest(
+        source=SOURCE, destination=DESTINATION, from_offsets="0:0", filter="status=error or n<" + "9" * 5_000
+    )
+    with admin_client(settings) as admin:
+        first = start_replay(settings, admin, request, now=datetime.now(UTC), dry_run=False)
+
+    outcome = run_replay(settings, first)
+    counts = outcome.checkpoint.counts
+    assert (counts.sent, counts.unreadable, counts.filtered_out) == (2, 3, 4)
+    assert [(r.partition, r.offset) for r in outcome.unreadable] == [(0, 1), (0, 2), (0, 3)]
+    assert "nested too deeply" in outcome.unreadable[0].reason
+    assert "not UTF-8" in outcome.unreadable[2].reason
+
+    save_checkpoint(settings, first)  # as if that run had died before its first checkpoint
+    assert main(["replay", "--resume", first.plan.replay_id]) == 0
+    out = capsys.readouterr().out
+    assert "(3 the filter could not read, skipped)" in out
+    assert "skipped 0@1: nested too deeply for the JSON decoder" in out
+    assert load_checkpoint(settings, first.plan.replay_id).done
+    assert [origin_of(record) for record in read_topic(settings, DESTINATION)] == [(0, 0), (0, 4)]

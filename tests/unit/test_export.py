@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from schemas.cases import GoldenRecord
 from schemas.logs import ImageInfo
 from schemas.settings import load_settings
 from schemas.tasks import validate_answer
-from streams.dataset.export import ExportedImage, convert_boxes, export_dataset
+from streams.dataset.export import ExportedImage, ExportError, confined, convert_boxes, export_dataset
 from streams.dataset.llamafactory import dataset_info, sharegpt_example, training_arguments
 from streams.dataset.mixing import Example, MixError, draw, mix, natural_size, quotas, seeded, split_by_task
 from streams.dataset.negatives import negatives
@@ -289,3 +290,66 @@ def test_a_whole_export_is_byte_identical_for_the_same_seed(tmp_path: Path) -> N
     ]
     phase2 = yaml.safe_load((tmp_path / "one" / "phase2.yaml").read_text())
     assert phase2["dataset"] == "vlmflow_phase2_train" and phase2["dataset_dir"] == "."
+
+
+def _recipe_with_image(root: Path, image: str) -> Path:
+    """A recipe whose one caption example names `image` (a location taken from a log, so hostile)."""
+    root.mkdir(parents=True, exist_ok=True)
+    line = {"id": "c0", "prompt": "Describe the image.", "images": [image], "answer": "A square."}
+    (root / "captions.jsonl").write_text(json.dumps(line) + "\n")
+    recipe = {
+        "name": "confined",
+        "seed": 1,
+        "eval_fraction": 0.0,
+        "phases": {"phase1": {"sources": [{"name": "c", "kind": "jsonl", "path": "captions.jsonl", "ratio": 1}]}},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "recipe.yaml"
+
+
+def test_an_export_reads_images_inside_the_recipes_directory(tmp_path: Path) -> None:
+    (tmp_path / "inputs" / "img").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "inputs" / "img" / "a.png")
+    recipe, base = load_recipe(_recipe_with_image(tmp_path / "inputs", "img/../img/a.png"))
+    summary = export_dataset(recipe, base, str(tmp_path / "out"), load_settings())
+    assert summary.manifest["images"] == 1
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dot-dot", "symlink"])
+def test_an_export_never_reads_a_file_outside_the_recipes_directory(tmp_path: Path, kind: str) -> None:
+    """A log that names `/etc/hostname` (or any file) must not put it into a training set."""
+    outside = tmp_path / "private" / "secret.png"
+    outside.parent.mkdir()
+    Image.new("RGB", (32, 32), "blue").save(outside)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    location = {"absolute": str(outside), "dot-dot": "../private/secret.png", "symlink": "link/secret.png"}[kind]
+    (inputs / "link").symlink_to(outside.parent)
+    recipe, base = load_recipe(_recipe_with_image(inputs, location))
+    with pytest.raises(ExportError, match="absolute path|outside the recipe's directory"):
+        export_dataset(recipe, base, str(tmp_path / "out"), load_settings())
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("location", "what"),
+    [
+        ("s3://private-bucket/x.png", "is not one an export reads (vlm-images, vlm-datasets)"),
+        ("s3://vlm-images/../private-bucket/x.png", "'..' segment"),
+        ("s3://vlm-images/a/./x.png", "'.' or '..' segment"),
+        ("/etc/hostname", "absolute path"),
+        ("../../etc/hostname", "outside the recipe's directory"),
+        ("img/\x00.png", "NUL character"),
+    ],
+)
+def test_locations_outside_the_configured_buckets_and_directory_are_refused(
+    tmp_path: Path, location: str, what: str
+) -> None:
+    with pytest.raises(ExportError, match=re.escape(what)):
+        confined(location, tmp_path, ["vlm-images", "vlm-datasets"])
+
+
+def test_locations_inside_are_where_they_say() -> None:
+    base = Path("/srv/recipes")
+    assert confined("s3://vlm-datasets/golden/a.jsonl", base, ["vlm-datasets"]) == ("vlm-datasets", "golden/a.jsonl")
+    assert confined("data/a.jsonl", base, []) == base.resolve() / "data" / "a.jsonl"

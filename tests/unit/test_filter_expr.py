@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import time
 from typing import Any
 
 import pytest
@@ -18,6 +19,8 @@ from streams.ops.filter_expr import (
     InSet,
     Not,
     Or,
+    UnreadableRecord,
+    document_of,
     matches,
     parse,
     render,
@@ -150,3 +153,107 @@ def test_errors_say_what_and_where(text: str, column: int, what: str) -> None:
         parse(text)
     assert what in str(caught.value)
     assert f"at column {column}" in str(caught.value)
+
+
+# -- hostile filters and records: typed errors, never RecursionError or ValueError ------------------------------
+
+json_values = st.recursive(
+    json_scalars | st.integers() | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(FIELDS), children, max_size=3),
+    max_leaves=12,
+)
+
+
+def nested_list(depth: int, inner: Any) -> Any:
+    value = inner
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("(" * 500 + "status=error" + ")" * 500, "more than 32 nested"),
+        ("not " * 2_000 + "status=error", "more than 32 nested"),
+        (" and ".join(["status=error"] * 2_000), "more than 64 comparisons"),
+        (" or ".join(f"tenant=t{index}" for index in range(65)), "more than 64 comparisons"),
+    ],
+)
+def test_deep_or_long_filters_are_refused_with_a_filter_error(text: str, what: str) -> None:
+    with pytest.raises(FilterError, match=what):
+        parse(text)
+
+
+def test_filters_at_the_limits_parse_render_and_evaluate() -> None:
+    nested = "(" * 31 + "not status=error" + ")" * 31
+    chain = " and ".join(["status!=error"] * 63) + " and " + nested
+    expression = parse(chain)
+    assert parse(render(expression)) == expression
+    assert matches(expression, {"status": "ok"}) is True
+
+
+@pytest.mark.parametrize(
+    ("text", "document", "expected"),
+    [
+        ("n<" + "1" * 5_000, {"n": 5}, True),
+        ("n=" + "1" * 5_000, {"n": 5}, False),
+        ("n>-" + "9" * 5_000, {"n": -(10**300)}, True),
+        ("n=" + "0" * 5_000 + "5", {"n": 5}, True),
+        ("n!=" + "1" * 5_000, {"n": [1, 2]}, True),
+        ("n<" + "1" * 5_000, {"n": float("nan")}, False),
+        ("id=" + "1" * 5_000, {"id": "1" * 5_000}, True),
+    ],
+)
+def test_a_5000_digit_number_compares_without_error(text: str, document: dict[str, Any], expected: bool) -> None:
+    assert matches(parse(text), document) is expected
+
+
+def test_deeply_nested_lists_are_walked_without_recursion() -> None:
+    document = {"tags": nested_list(100_000, "red"), "n": nested_list(50_000, 7)}
+    assert matches(parse("tags=red and n>=7 and tags~^r"), document) is True
+    assert matches(parse("tags!=red"), document) is False
+
+
+def test_a_list_index_of_any_length_is_only_missing() -> None:
+    assert matches(parse("images." + "9" * 5_000 + "=x"), {"images": ["x"]}) is False
+
+
+@given(expressions, json_values)
+def test_matches_holds_or_fails_for_any_json_value(expression: Expr, document: Any) -> None:
+    assert matches(expression, document) in (True, False)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"n": ' + b"1" * 5_000 + b"}", "not a JSON document Python reads"),
+        (b"\xff\xfe\xfa", "not UTF-8"),
+        (b"{not json", "not JSON"),
+    ],
+)
+def test_a_record_the_filter_cannot_read_is_a_typed_error(value: bytes, reason: str) -> None:
+    with pytest.raises(UnreadableRecord, match=reason):
+        document_of(value)
+
+
+def test_readable_records_and_tombstones() -> None:
+    assert document_of(b'{"status": "error"}') == {"status": "error"}
+    assert document_of(None) is None
+
+
+@pytest.mark.parametrize("pattern", ["(a)\\\\1", "(?=x)x", "(?<!x)y", "a{2000}"])
+def test_regexes_outside_linear_time_are_refused_at_parse_time(pattern: str) -> None:
+    with pytest.raises(FilterError, match="RE2, which runs in linear time") as caught:
+        parse(f'model~"{pattern}"')
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_a_catastrophic_backtracking_pattern_runs_in_linear_time() -> None:
+    """`^([A-Za-z ]+)*$` takes seconds per character added with a backtracking engine; RE2 does not backtrack."""
+    expression = parse('note~"^([A-Za-z ]+)*$"')
+    started = time.perf_counter()
+    assert matches(expression, {"note": "a" * 30 + "!"}) is False
+    assert matches(expression, {"note": "ab " * 10_000}) is True
+    assert time.perf_counter() - started < 2.0

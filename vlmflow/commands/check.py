@@ -1,10 +1,11 @@
-"""`vlmflow check`: connect to each configured server and say which one does not answer, in one line each."""
+"""`vlmflow check`: connect to each configured server and say which one does not answer, in one line each (with
+passwords and secret keys shown as `***`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from schemas.settings import Settings
+from schemas.settings import Settings, redact
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         client.ping()
     finally:
         client.close()
-    print(f"redis  ok  {settings.redis.url}")
+    print(f"redis  ok  {redact(settings.redis.url, settings)}")
     buckets = [bucket.name for bucket in object_store(settings).list_buckets()]
     print(f"s3     ok  {settings.s3.endpoint} (buckets: {', '.join(buckets) or 'none'})")
     return 0

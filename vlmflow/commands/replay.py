@@ -24,6 +24,8 @@ REQUEST_OPTIONS = (
     "to_offsets",
     "filter",
 )
+UNREADABLE_SHOWN = 5
+"""Records the filter could not read that the summary lists by position (the count covers all of them)."""
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
@@ -82,8 +84,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         outcome = run_replay(settings, checkpoint, dry_run=args.dry_run, rate=rate, progress=progress)
     counts = outcome.checkpoint.counts
     skipped = f"{counts.outside_window:,} outside the window, {counts.filtered_out:,} filtered out"
-    if counts.not_json:
-        skipped += f" ({counts.not_json:,} not JSON)"
+    if counts.unreadable:
+        skipped += f" ({counts.unreadable:,} the filter could not read, skipped)"
+    unreadable = [f"  skipped {r.partition}@{r.offset}: {r.reason}" for r in outcome.unreadable[:UNREADABLE_SHOWN]]
     if outcome.dry_run:
         from streams.ops.tail import format_record
 
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"would send {counts.sent:,} of {counts.scanned:,} records read ({skipped}); nothing was written")
         for record in outcome.samples:
             print(f"  {format_record(record)}")
+        for line in unreadable:
+            print(line)
         return 0
     again = (
         f", {counts.already_delivered:,} already delivered before an interruption" if counts.already_delivered else ""
@@ -98,6 +103,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"replay {plan.replay_id} complete: {plan.describe()}")
     print(f"sent {counts.sent:,} of {counts.scanned:,} records read ({skipped}{again})")
     print(f"this run: {outcome.sent_now:,} records in {outcome.elapsed_s:.1f} s ({outcome.rate:,.0f}/s)")
+    for line in unreadable:
+        print(line)
     return 0
 
 

@@ -11,7 +11,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import first_error
 from schemas.settings import Settings
@@ -28,9 +28,10 @@ class ReplayCounts(BaseModel):
     outside_window: int = 0
     """Timestamp outside `[from, to)`."""
     filtered_out: int = 0
-    """In the window, but the filter did not match (this includes values that are not JSON)."""
-    not_json: int = 0
-    """Of `filtered_out`: values the filter could not read."""
+    """In the window, but the filter did not match (this includes values it could not read)."""
+    unreadable: int = Field(default=0, validation_alias=AliasChoices("unreadable", "not_json"))
+    """Of `filtered_out`: values the filter could not read (not UTF-8 JSON, nested too deeply, an integer over
+    Python's digit limit), skipped and reported. (Checkpoints before this name called it `not_json`.)"""
     sent: int = 0
     """Sent to the destination (in a dry run: would have been sent)."""
     already_delivered: int = 0

@@ -28,7 +28,7 @@ one gap: a request already on the wire when the process died that the broker app
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,8 +53,21 @@ REPLAY_HEADER_PREFIX = "x-replay-"
 
 CHECKPOINT_EVERY_S = 1.0
 DRY_RUN_SAMPLES = 5
+SKIPPED_SAMPLES = 20
+"""Unreadable records a run reports by position (all of them are counted)."""
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[ReplayCounts], None]
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record in the window that the filter could not read: skipped, never sent, and reported."""
+
+    partition: int
+    offset: int
+    reason: str
 
 
 @dataclass
@@ -66,6 +79,8 @@ class ReplayOutcome:
     dry_run: bool
     samples: list[ConsumerRecord] = field(default_factory=list)
     """A dry run's first few records that would be sent."""
+    unreadable: list[SkippedRecord] = field(default_factory=list)
+    """This run's first `SKIPPED_SAMPLES` records the filter could not read (the checkpoint counts them all)."""
 
     @property
     def rate(self) -> float:
@@ -138,7 +153,7 @@ def run_replay(
         raise
     finally:
         run.close()
-    return ReplayOutcome(run.checkpoint, run.sent_now, time.monotonic() - started, dry_run, run.samples)
+    return ReplayOutcome(run.checkpoint, run.sent_now, time.monotonic() - started, dry_run, run.samples, run.unreadable)
 
 
 class _Run:
@@ -168,6 +183,7 @@ class _Run:
         self.failures: list[BaseException] = []
         self.sent_now = 0
         self.samples: list[ConsumerRecord] = []
+        self.unreadable: list[SkippedRecord] = []
         self.stall_timeout_s = 2 * settings.kafka.request_timeout_ms / 1000
         self.consumer: KafkaConsumer = open_consumer(settings)
         self.producer: KafkaProducer | None = None
@@ -222,10 +238,21 @@ class _Run:
         if self.expression is None:
             return True
         try:
-            document = json.loads(record.value) if record.value is not None else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            self.counts.not_json += 1
+            document = filter_expr.document_of(record.value)
+        except filter_expr.UnreadableRecord as exc:
+            # NOTE: skipped, counted and reported, never retried: the checkpoint moves past it, so a resume does
+            # not meet it again.
+            self.counts.unreadable += 1
             self.counts.filtered_out += 1
+            if len(self.unreadable) < SKIPPED_SAMPLES:
+                self.unreadable.append(SkippedRecord(record.partition, record.offset, str(exc)))
+                log.warning(
+                    "%s[%d]@%d skipped, the filter cannot read it: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    exc,
+                )
             return False
         if filter_expr.matches(self.expression, document):
             return True
