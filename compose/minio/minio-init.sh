@@ -12,7 +12,7 @@ secret() {
 
 mc alias set store http://minio:9000 "$(secret minio_root_user)" "$(secret minio_root_password)"
 mc mb --ignore-existing store/vlm-images store/vlm-datasets
-for service in worker streams; do
+for service in worker streams labelstudio; do
     mc admin policy create store "vlmflow-$service" "/init/policies/$service.json"
     mc admin user add store "vlmflow-$service" "$(secret "${service}_s3_secret_key")"
     mc admin policy attach store "vlmflow-$service" --user "vlmflow-$service"

@@ -4,6 +4,7 @@ back: shared by the flywheel's integration test and its benchmark."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from schemas.settings import Settings
 from schemas.topics import Topic
 from tests.support.flywheel_data import PlannedLog
-from tests.support.processes import stop_process
+from tests.support.processes import child_process
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -32,24 +33,29 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "VLMFLOW_STREAMS__APP_ID": settings.streams.app_id,
         "VLMFLOW_STREAMS__REVIEW_QUEUE": settings.streams.review_queue,
         "VLMFLOW_STREAMS__PROGRESS_INTERVAL_S": "2",
+        "VLMFLOW_STREAMS__METRICS_PORT": "0",
     }
+
+
+_METRICS_PORT = re.compile(rb"flywheel metrics on port (\d+)")
+
+
+def metrics_port(log_path: Path, timeout_s: float = 120.0) -> int:
+    """The port a `vlmflow streams` child serves its metrics on, read from its log (it picks a free one)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = _METRICS_PORT.search(log_path.read_bytes()) if log_path.exists() else None
+        if found:
+            return int(found.group(1))
+        time.sleep(0.2)
+    raise AssertionError(f"no metrics port in {log_path}:\n{log_path.read_text()[-3000:]}")
 
 
 @contextmanager
 def streams_worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`vlmflow streams` as a child process; stopped with SIGTERM (as an orchestrator would) on exit."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vlmflow.cli", "streams"],
-            env=worker_env(settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield process
-        finally:
-            stop_process(process)
+    with child_process([sys.executable, "-m", "vlmflow.cli", "streams"], worker_env(settings), log_path) as process:
+        yield process
 
 
 def produce(settings: Settings, logs: list[PlannedLog]) -> dict[tuple[int, int], PlannedLog]:

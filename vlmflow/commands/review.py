@@ -3,6 +3,10 @@
 `next` claims the top case under a lease and remembers the claim in the state directory, so `submit` and `skip`
 need no ids; `--case` and `--token` name another claim. `suggest` pre-fills answers with the configured engine
 (`engine.kind`: `vllm` or `instant`); a person still confirms them (`submit --accept-suggestion`).
+
+`review ls setup | run [--once] | status` is the Label Studio bridge (`streams.review.labelstudio`): `setup`
+creates the projects, S3 storages and webhooks, `run` moves cases out and corrections back until stopped (the
+production bridge service runs it), `status` counts the cases held in Label Studio.
 """
 
 from __future__ import annotations
@@ -55,11 +59,40 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
     suggest = actions.add_parser("suggest", help="pre-fill suggestions for the top pending cases with a model")
     suggest.add_argument("--limit", type=int, default=20, help="how many of the top cases (default 20)")
+
+    ls = actions.add_parser("ls", help="Label Studio as the review surface: the bridge to the correction queue")
+    ls_actions = ls.add_subparsers(dest="ls_action", required=True, metavar="ACTION")
+    ls_actions.add_parser("setup", help="create or update the projects, S3 storages and webhooks")
+    ls_run = ls_actions.add_parser("run", help="the bridge: cases out, corrections back (webhooks and a poll)")
+    ls_run.add_argument("--once", action="store_true", help="one pass, then print what it did as JSON and exit")
+    ls_actions.add_parser("status", help="projects and the cases the bridge holds in Label Studio")
     review.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "ls":
+        return asyncio.run(_labelstudio(args, settings))
     return asyncio.run(_run(args, settings))
+
+
+async def _labelstudio(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from streams.review.labelstudio import open_bridge, serve, status
+
+    if args.ls_action == "setup":
+        async with open_bridge(settings, serving="setup") as bridge:
+            for task, project_id in bridge.projects.items():
+                print(f"{task:<8} {settings.labelstudio.url}/projects/{project_id}/data")
+        return 0
+    if args.ls_action == "status":
+        print(json.dumps(await status(settings), sort_keys=True))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = await serve(settings, once=args.once, ready=lambda line: print(line, flush=True))
+    if args.once:
+        print(json.dumps(report.__dict__, sort_keys=True))
+    return 0
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
