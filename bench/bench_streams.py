@@ -1,48 +1,49 @@
-"""Benchmark: the flywheel's Faust agents (`vlmflow streams`) against a bare aiokafka consume → normalize →
-produce loop over the same raw messages, in the same run, on a broker and Redis of its own.
+"""Benchmark: the flywheel worker (`vlmflow streams`) against Quix Streams applying the same `screen` per record,
+over the same raw messages, in the same run, on a broker and Redis of its own; and the CPU cost of `screen`.
 
-    python -m bench.bench_streams [--count 10000] [--seed 3]     # from the repository root
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[dev,bench]'   # Quix: pins pydantic<2.14
+    python -m bench.bench_streams [--count 20000] [--rounds 3] [--seed 3] [--baseline-tree DIR]
 
 Both arms read the same `--count` mixed raw logs (every source format, broken logs, rule violations, duplicates,
-PII) from offset 0 of vlm.logs.raw and write one record per message: the bare loop normalizes and produces the
-record or its rejection, commits after each flushed batch and nothing else; the agents also apply the rules,
-redact PII, dedupe in Redis, and (concurrently, in the same process) mine hard cases and queue them. Throughput
-of an arm is messages / the time between its first and its last output record (producer timestamps), so process
-start and group joins are not counted. The pure stages are also timed in-process, one thread, to show where
-the time goes. Prints the figures and the ratio agents / bare loop.
+PII) from offset 0 of vlm.logs.raw, each in a child process of its own, alternating round by round:
+
+- Quix Streams (`bench.quix_screen`): screen each record and write its encoded outcome, keyed by log id, to one of
+  two topics; nothing else.
+- the flywheel worker: screen, and also dedupe and count tries in Redis, mine hard cases, queue them in Redis, keep
+  the exactly-once ledger, write hard cases too, and run the golden agent beside.
+
+An arm's throughput is messages / the time between its first and its last output record of the round (producer
+timestamps), so process start and group joins are not counted. Prints each round, the median ratio agents ÷ Quix,
+and the CPU µs per record of `screen` (best of 5 passes, one thread: `bench/screen_cost.py`); with
+`--baseline-tree` also that of another checkout (e.g. `git archive ceba6c7 | tar -x -C /tmp/before`) on the same
+messages, and the ratio of the two.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import base64
+import json
 import os
 import re
 import socket
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-from schemas.codec import encode
-from schemas.errors import InvalidLog
-from schemas.logs import Lineage, NormalizedLog, RejectedLog
 from schemas.settings import Settings, load_settings
 from schemas.topics import TOPICS, Topic, TopicSpec
-from streams.flywheel.mining import hard_case
-from streams.flywheel.normalize import normalize, raw_log_id
-from streams.flywheel.pii import redact_log
-from streams.flywheel.rules import load_rules
-from tests.support.flywheel_data import mixed_raw_logs
+from tests.support.flywheel_data import PlannedLog, mixed_raw_logs
 from tests.support.flywheel_worker import Records, produce, read_topics, streams_worker
 from vlmflow.kafka_admin import create_topics
 from vlmflow.stack import LocalStack
 
-BARE_OUT = ("bench.bare.normalized", "bench.bare.rejected")
+REPO = Path(__file__).resolve().parents[1]
+QUIX_OUT = ("bench.quix.normalized", "bench.quix.rejected")
 AGENT_OUT = (Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED)
 WAIT_S = 600.0
 _COUNTS = re.compile(r"flywheel: normalized (\d+), rejected (\d+)")
@@ -54,48 +55,38 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _span_s(found: Records, topics: tuple[str, ...]) -> float:
-    stamps = [record.timestamp for name in topics for record in found[name]]
-    return max(1, max(stamps) - min(stamps)) / 1000
+def _rate(found: Records, topics: tuple[str, ...], since_ms: int, count: int) -> float:
+    """Messages per second between the first and the last output record written since `since_ms`."""
+    stamps = [record.timestamp for name in topics for record in found[name] if record.timestamp >= since_ms]
+    assert len(stamps) >= count, f"{len(stamps)} outputs on {topics}, expected {count}"
+    return count / (max(1, max(stamps) - min(stamps)) / 1000)
 
 
-async def bare_loop(settings: Settings, count: int) -> None:
-    """consume → normalize → produce the record or its rejection; commit after each flushed batch."""
-    options = settings.kafka.client_options()
-    consumer = AIOKafkaConsumer(
-        Topic.LOGS_RAW, **options, group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
-        auto_offset_reset="earliest", session_timeout_ms=settings.kafka.session_timeout_ms,
-    )  # fmt: skip
-    producer = AIOKafkaProducer(**options, acks="all", linger_ms=5)
-    await consumer.start()
-    await producer.start()
-    try:
-        done = 0
-        while done < count:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=500)
-            for tp, records in batches.items():
-                for record in records:
-                    lineage = Lineage(topic=tp.topic, partition=tp.partition, offset=record.offset)
-                    out: NormalizedLog | RejectedLog
-                    try:
-                        out = normalize(record.value, lineage=lineage)
-                    except InvalidLog as exc:
-                        code: Any = exc.code
-                        out = RejectedLog(log_id=raw_log_id(record.value), code=code, detail=str(exc), lineage=lineage)
-                    name = BARE_OUT[0] if isinstance(out, NormalizedLog) else BARE_OUT[1]
-                    await producer.send(name, encode(out), key=out.log_id.encode())
-                    done += 1
-            if batches:
-                await producer.flush()
-                await consumer.commit()
-    finally:
-        await producer.stop()
-        await consumer.stop()
+def _outputs(settings: Settings, topics: tuple[str, ...], since_ms: int, count: int) -> Records:
+    def written(found: Records) -> bool:
+        return sum(1 for name in topics for record in found[name] if record.timestamp >= since_ms) >= count
+
+    return read_topics(settings, list(topics), written, 120)
 
 
-def agents(settings: Settings, count: int, log_path: Path) -> None:
-    """Run `vlmflow streams` until its progress line counts `count` screened messages (read from its log, so the
-    wait costs the worker no CPU), and the correction queue has had a moment to take the last hard cases."""
+def quix_round(settings: Settings, count: int, log_path: Path) -> float:
+    since_ms = int(time.time() * 1000)
+    command = [sys.executable, "-m", "bench.quix_screen", "--bootstrap", settings.kafka.bootstrap_servers,
+               "--group", f"bench-quix-{uuid.uuid4().hex[:8]}", "--count", str(count),
+               "--normalized", QUIX_OUT[0], "--rejected", QUIX_OUT[1]]  # fmt: skip
+    with log_path.open("wb") as log:
+        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=WAIT_S)
+    assert result.returncode == 0, log_path.read_text()[-3000:]
+    return _rate(_outputs(settings, QUIX_OUT, since_ms, count), QUIX_OUT, since_ms, count)
+
+
+def agents_round(settings: Settings, count: int, log_path: Path) -> float:
+    """`vlmflow streams` with an app id of its own (a fresh group, ledger and dedupe state), until its progress
+    line counts `count` screened messages (read from its log, so the wait costs the worker no CPU)."""
+    unique = uuid.uuid4().hex[:8]
+    streams = settings.streams.model_copy(update={"app_id": f"bench-{unique}", "review_queue": f"bench-{unique}"})
+    settings = settings.model_copy(update={"streams": streams})
+    since_ms = int(time.time() * 1000)
     with streams_worker(settings, log_path) as worker:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and worker.poll() is None:
@@ -105,77 +96,65 @@ def agents(settings: Settings, count: int, log_path: Path) -> None:
             time.sleep(1)
         else:
             raise RuntimeError(f"the streams worker did not finish; see {log_path}")
-        time.sleep(3)
+    return _rate(_outputs(settings, AGENT_OUT, since_ms, count), AGENT_OUT, since_ms, count)
 
 
-def stage_costs_us(values: list[bytes], settings: Settings) -> dict[str, float]:
-    """Microseconds per message of each pure stage, in this process, over the same messages."""
-    rules = load_rules(None)
-    lineage = Lineage(topic=Topic.LOGS_RAW, partition=0, offset=0)
-    logs: list[NormalizedLog] = []
-
-    def timed(work: Callable[[], None]) -> float:
-        start = time.perf_counter()
-        work()
-        return (time.perf_counter() - start) / len(values) * 1e6
-
-    def normalize_all() -> None:
-        for value in values:
-            try:
-                logs.append(normalize(value, lineage=lineage))
-            except InvalidLog:
-                pass
-
-    costs = {"normalize": timed(normalize_all)}
-    costs["rules"] = timed(lambda: [rules.first_match(log) for log in logs])
-    costs["redact"] = timed(lambda: [redact_log(log) for log in logs])
-    costs["mining"] = timed(lambda: [hard_case(log, settings.streams.mining, threshold=1.0) for log in logs])
-    costs["encode"] = timed(lambda: [encode(log) for log in logs])
-    return costs
+def screen_cost_us(messages: Path, tree: Path) -> float:
+    """CPU µs per record of `screen` as the checkout at `tree` has it, on the messages in `messages`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    script = REPO / "bench" / "screen_cost.py"
+    output = subprocess.run([sys.executable, str(script), str(messages)], env=env, cwd=tree, check=True,
+                            capture_output=True, text=True, timeout=WAIT_S).stdout  # fmt: skip
+    return float(json.loads(output.splitlines()[-1])["us_per_record"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--baseline-tree", type=Path, help="another checkout whose `screen` is measured too")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as state:
-        unique = uuid.uuid4().hex[:8]
         settings = load_settings(
             state_dir=state,
             kafka={"bootstrap_servers": f"127.0.0.1:{_free_port()}", "session_timeout_ms": 6000},
             redis={"url": f"redis://127.0.0.1:{_free_port()}/0"},
-            streams={"app_id": f"bench-{unique}", "review_queue": f"bench-{unique}", "progress_interval_s": 1},
+            streams={"progress_interval_s": 1},
         )
         stack = LocalStack(settings, only=("kafka", "redis"))
         stack.up()
         try:
             create_topics(settings)
             create_topics(settings, [TopicSpec(name, "log_id", None, TOPICS[AGENT_OUT[i]].partitions)
-                                     for i, name in enumerate(BARE_OUT)])  # fmt: skip
+                                     for i, name in enumerate(QUIX_OUT)])  # fmt: skip
             logs = mixed_raw_logs(args.count, seed=args.seed)
             produce(settings, logs)
             print(f"messages: {args.count} mixed raw logs (seed {args.seed}), {os.cpu_count()} CPUs", flush=True)
-
-            asyncio.run(bare_loop(settings, args.count))
-            bare = read_topics(settings, list(BARE_OUT), lambda f: sum(map(len, f.values())) >= args.count, 60)
-            bare_rate = args.count / _span_s(bare, BARE_OUT)
-            print(f"bare aiokafka loop (consume → normalize → produce):  {bare_rate:8.0f} msg/s", flush=True)
-
-            agents(settings, args.count, Path(state) / "streams.log")
-            found = read_topics(settings, [*AGENT_OUT, Topic.CASES_HARD], lambda _: False, 5)
-            screened = sum(len(found[name]) for name in AGENT_OUT)
-            agent_rate = args.count / _span_s(found, AGENT_OUT)
-            all_rate = args.count / _span_s(found, (*AGENT_OUT, Topic.CASES_HARD))
-            print(f"faust agents (screen + dedupe → normalized|rejected): {agent_rate:8.0f} msg/s "
-                  f"({screened} outputs, {len(found[Topic.CASES_HARD])} hard cases)")  # fmt: skip
-            print(f"faust agents, until the last hard case:               {all_rate:8.0f} msg/s")
-            print(f"ratio agents / bare loop: {agent_rate / bare_rate:.2f}")
-            costs = stage_costs_us([log.value for log in logs], settings)
-            print("pure stages, µs per message (one thread): " + ", ".join(f"{k} {v:.0f}" for k, v in costs.items()))
+            ratios = []
+            for round_number in range(1, args.rounds + 1):
+                quix = quix_round(settings, args.count, Path(state) / f"quix-{round_number}.log")
+                agents = agents_round(settings, args.count, Path(state) / f"streams-{round_number}.log")
+                ratios.append(agents / quix)
+                print(f"round {round_number}: Quix Streams + screen {quix:7.0f} msg/s, vlmflow streams "
+                      f"{agents:7.0f} msg/s, agents ÷ Quix {agents / quix:.2f}", flush=True)  # fmt: skip
+            print(f"agents ÷ Quix (median of {args.rounds} rounds): {statistics.median(ratios):.2f}")
+            messages = Path(state) / "messages.b64"
+            messages.write_text("".join(base64.b64encode(log.value).decode() + "\n" for log in _sample(logs)))
+            now = screen_cost_us(messages, REPO)
+            line = f"screen: {now:.1f} µs CPU per record (this checkout)"
+            if args.baseline_tree is not None:
+                before = screen_cost_us(messages, args.baseline_tree.resolve())
+                line += f", {before:.1f} µs at {args.baseline_tree}: {before / now:.1f}× less"
+            print(line)
         finally:
             stack.down()
+
+
+def _sample(logs: list[PlannedLog]) -> list[PlannedLog]:
+    """The first 3,000 messages: enough for a stable figure, few enough for five passes."""
+    return logs[:3_000]
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ InvalidLogCode = Literal[
     "invalid_correction",  # the user's correction is no JSON object or array, or holds an unreadable box
 ]
 """Why `streams.flywheel.normalize.normalize` could not read a raw log (the `code` of `schemas.InvalidLog`)."""
-FlywheelRejectCode = Literal["rule", "duplicate", "too_large", "internal_error"]
-"""`rule`: a filter rule fired (named in `rule`); `duplicate`: same content as an earlier log; `too_large`: the
-normalized record would not fit a Kafka message; `internal_error`: a defect in vlmflow met this log (the detail
-names the exception)."""
+FlywheelRejectCode = Literal["rule", "duplicate", "pii_in_image_uri", "too_large", "internal_error"]
+"""`rule`: a filter rule fired (named in `rule`); `duplicate`: same content as an earlier log; `pii_in_image_uri`:
+an image URI holds an email or phone number, so the example cannot point at its image without keeping that
+personal data (only while PII redaction is on); `too_large`: the normalized record would not fit a Kafka message;
+`internal_error`: a defect in vlmflow met this log (the detail names the exception)."""
 RejectCode = InvalidLogCode | FlywheelRejectCode
 REJECT_CODES: tuple[str, ...] = (*get_args(InvalidLogCode), *get_args(FlywheelRejectCode))
 

@@ -6,6 +6,9 @@ broker's ListOffsets defect would cut such a recovery short), and is shared with
 
 Redelivery is not duplication: each hash remembers the lineage (topic:partition:offset) of the first log that
 carried it, so the same record delivered twice after a crash is recognized as itself and passes again.
+
+A batch is sighted with one script call (every key under the app's hash tag `{streams:<app_id>}`, so the call is
+valid on Redis Cluster, where the app's dedupe state then lives on one shard). Needs Redis ≥ 7 (`SET NX GET`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas.logs import Lineage, NormalizedLog
+from streams.flywheel.jsontext import canonical
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,21 +33,30 @@ T = TypeVar("T")
 RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Waits between tries while Redis does not answer; the last one repeats (the stream pauses, nothing is lost)."""
 
-# KEYS[1]: the request's sightings (hash: lineage -> how many came before it). ARGV: lineage, ttl seconds.
-# Returns how many other logs of the same request were seen before this one; a redelivery gets its first answer.
-_COUNT_SIGHTING = """
-local before = redis.call('HGET', KEYS[1], ARGV[1])
-if not before then
-  before = redis.call('HLEN', KEYS[1])
-  redis.call('HSET', KEYS[1], ARGV[1], before)
+# KEYS: content key, request key (2 per log). ARGV: content TTL s, request TTL s, then each log's lineage.
+# Returns, per log, the lineage of the first log with its content and how many other logs of its request came
+# before it (a redelivery gets its first answers). 4 commands per log.
+_SIGHT = """
+local out = {}
+for i = 1, #ARGV - 2 do
+  local where = ARGV[i + 2]
+  local first = redis.call('SET', KEYS[2 * i - 1], where, 'NX', 'GET', 'EX', ARGV[1])
+  local request = KEYS[2 * i]
+  local before = redis.call('HGET', request, where)
+  if not before then
+    before = redis.call('HLEN', request)
+    redis.call('HSET', request, where, before)
+  end
+  redis.call('EXPIRE', request, ARGV[2])
+  out[2 * i - 1] = first or where
+  out[2 * i] = tonumber(before)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return tonumber(before)
+return out
 """
 
 
 def _digest(parts: list[object]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical(parts)).hexdigest()
 
 
 def content_hash(log: NormalizedLog) -> str:
@@ -83,43 +95,41 @@ class SeenStore:
         self.prefix = prefix
         self.dedupe_ttl_s = dedupe_ttl_s
         self.retry_window_s = retry_window_s
-        self._count_sighting = redis.register_script(_COUNT_SIGHTING)
+        self._sight = redis.register_script(_SIGHT)
 
-    async def sight(self, logs: list[tuple[NormalizedLog, Lineage]]) -> list[Sighting]:
-        """Record each log (idempotent per lineage) and say whether its content was seen first elsewhere; one
-        round trip for the whole batch, applied in order (so the first of two equal logs in a batch wins)."""
+    async def sight(
+        self, logs: list[tuple[str, str, str]], *, on_retry: Callable[[], None] | None = None
+    ) -> list[Sighting]:
+        """Record each log, given as (`content_hash`, `request_fingerprint`, `lineage_text`), idempotent per
+        lineage, and say whether its content was seen first elsewhere; one script call for the whole batch, applied in
+        order (so the first of two equal logs in a batch wins)."""
         if not logs:
             return []
-
-        async def batch() -> list[Sighting]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for log, lineage in logs:
-                    where = lineage_text(lineage)
-                    content_key = f"{self.prefix}:content:{content_hash(log)}"
-                    request_key = f"{self.prefix}:request:{request_fingerprint(log)}"
-                    pipe.set(content_key, where, nx=True, get=True, ex=self.dedupe_ttl_s)
-                    await self._count_sighting(keys=[request_key], args=[where, self.retry_window_s], client=pipe)
-                replies = await pipe.execute()
-            return [
-                Sighting(
-                    first_lineage=first.decode() if first is not None else lineage_text(lineage),
-                    earlier_tries=int(before),
-                )
-                for (_, lineage), first, before in zip(logs, replies[0::2], replies[1::2], strict=True)
-            ]
-
-        return await retrying(batch, "Redis (dedupe)")
+        keys: list[str] = []
+        args: list[str | int] = [self.dedupe_ttl_s, self.retry_window_s]
+        for content, request, where in logs:
+            keys += [f"{self.prefix}:content:{content}", f"{self.prefix}:request:{request}"]
+            args.append(where)
+        replies = await retrying(lambda: self._sight(keys=keys, args=args), "Redis (dedupe)", on_retry=on_retry)
+        return [
+            Sighting(first_lineage=first.decode() if isinstance(first, bytes) else str(first), earlier_tries=int(tries))
+            for first, tries in zip(replies[0::2], replies[1::2], strict=True)
+        ]
 
 
-async def retrying(operation: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run `operation` until Redis answers it, waiting longer after each failure (logged as a warning). Any Redis
-    error pauses the stream rather than failing the batch: a failover's READONLY or LOADING passes, and a defect
-    shows as a repeating warning instead of lost records."""
+async def retrying(
+    operation: Callable[[], Awaitable[T]], what: str, *, on_retry: Callable[[], None] | None = None
+) -> T:
+    """Run `operation` until Redis answers it, waiting longer after each failure (logged as a warning, and
+    `on_retry` called, e.g. to count it). Any Redis error pauses the stream rather than failing the batch: a
+    failover's READONLY or LOADING passes, and a defect shows as a repeating warning instead of lost records."""
     for attempt in itertools.count(1):
         try:
             return await operation()
         except (RedisError, OSError) as exc:
             wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S)) - 1]
             log.warning("%s failed (try %d, next in %.1f s): %s", what, attempt, wait, exc)
+            if on_retry is not None:
+                on_retry()
             await asyncio.sleep(wait)
     raise AssertionError("itertools.count never ends")

@@ -7,9 +7,11 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from schemas.boxes import QWEN_BOX_TEXT, BoxError, BoxForm, to_xyxy
+from streams.flywheel.jsontext import JsonConstant, loads
 
 JsonValue = dict[str, Any] | list[Any]
 
@@ -20,8 +22,24 @@ BOX_KEYS: dict[str, BoxForm] = {
     "box": "norm1",
     "box_1000": "norm1000",
 }
-"""Where an object may carry its box, in the order they are looked for; `bbox_xyxy` is the normalized form."""
-LABEL_KEYS = ("label", "name", "category")
+"""Where an object may carry its box (any case, `-` or a space for `_`), in the order they are looked for;
+`bbox_xyxy` is the normalized form."""
+LABEL_KEYS = (
+    "label",
+    "label_name",
+    "class",
+    "class_name",
+    "classname",
+    "cls",
+    "category",
+    "category_name",
+    "object",
+    "object_name",
+    "name",
+    "tag",
+)
+"""Where a detected object may carry its label (any case, `-` or a space for `_`), in order of preference: the
+first one present with a text value becomes `label`; other label-like keys stay as they are."""
 MAX_JSON_STARTS = 20
 """Lines starting with `{` or `[` tried as the answer after prose; each try may read to the end of the text."""
 MAX_DEPTH = 32
@@ -45,11 +63,13 @@ def _no_constants(name: str) -> Any:
 
 def _loads(text: str) -> JsonValue:
     try:
-        return _container(json.loads(text, parse_constant=_no_constants))
+        return _container(loads(text), text)
     except json.JSONDecodeError as exc:
         raise OutputError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise OutputError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except JsonConstant as exc:
+        raise OutputError(str(exc)) from None
     except OutputError:
         raise
     except ValueError as exc:
@@ -62,33 +82,48 @@ def parse_json_text(text: str) -> JsonValue:
     stripped = text.strip()
     if not stripped:
         raise OutputError("empty answer")
-    try:
-        return _loads(stripped)
-    except OutputError as exc:
-        reason = str(exc)
-    fence = _FENCE.search(text)
+    reason = None
+    if stripped[0] in "[{":
+        try:
+            return _loads(stripped)
+        except OutputError as exc:
+            reason = str(exc)
+    fence = _FENCE.search(text) if "```" in text else None
     if fence:
         try:
             return _loads(fence.group(1))
         except OutputError:
             pass
-    grounded = _grounding(stripped)
+    grounded = _grounding(stripped) if "<|box_start|>" in stripped else None
     if grounded is not None:
         return grounded
     decoder = json.JSONDecoder(parse_constant=_no_constants)
     for start in itertools.islice(_JSON_LINE_START.finditer(text), MAX_JSON_STARTS):
+        rest = text[start.end() - 1 :].rstrip()
         try:
-            value, _ = decoder.raw_decode(text, start.end() - 1)
+            return _loads(rest)
+        except OutputError:
+            pass
+        try:
+            value, _ = decoder.raw_decode(rest)
             return _container(value)
         except (OutputError, ValueError, RecursionError):
             continue
-    raise OutputError(reason)
+    if reason is None:
+        try:
+            _loads(stripped)
+        except OutputError as exc:
+            reason = str(exc)
+    raise OutputError(reason or "not JSON")
 
 
-def _container(value: Any) -> JsonValue:
+def _container(value: Any, text: str | None = None) -> JsonValue:
+    """`value` when it is an object or array no deeper than `MAX_DEPTH`; a text with no more brackets than that
+    cannot nest deeper, so its value is not walked."""
     if not isinstance(value, dict | list):
         raise OutputError(f"the answer is a JSON {type(value).__name__}, not an object or array")
-    check_depth(value)
+    if text is None or text.count("[") + text.count("{") > MAX_DEPTH:
+        check_depth(value)
     return value
 
 
@@ -119,6 +154,30 @@ def _grounding(text: str) -> JsonValue | None:
     return {"objects": objects} if objects else None
 
 
+_ROLES: dict[str, tuple[int, int]] = {}
+"""key as an object spells it -> (role, rank): role 1 for a box key, 2 for a label key, 0 for neither; rank is its
+place in `BOX_KEYS` or `LABEL_KEYS`. Filled as keys are met (answers repeat a few keys), emptied when it grows
+past `_ROLES_MAX` (keys come from logs)."""
+_ROLES_MAX = 4096
+_BOX_FORMS = list(BOX_KEYS.values())
+
+
+def _role(key: str) -> tuple[int, int]:
+    role = _ROLES.get(key)
+    if role is None:
+        if len(_ROLES) >= _ROLES_MAX:
+            _ROLES.clear()
+        name = _vocabulary_key(key)
+        if name in BOX_KEYS:
+            role = (1, list(BOX_KEYS).index(name))
+        elif name in LABEL_KEYS:
+            role = (2, LABEL_KEYS.index(name))
+        else:
+            role = (0, 0)
+        _ROLES[key] = role
+    return role
+
+
 @dataclass
 class _Walk:
     """One pass over an answer; collects where boxes or labels could not be read."""
@@ -129,30 +188,57 @@ class _Walk:
     errors: list[str] = field(default_factory=list)
 
     def node(self, value: Any, path: str) -> Any:
-        if isinstance(value, list):
-            return [self.node(item, f"{path}[{index}]") for index, item in enumerate(value)]
-        if isinstance(value, dict):
+        """`value` with its objects normalized; containers without a change are returned as they are (the walk
+        copies only what it changes, and never walks a list of plain values such as a box)."""
+        if type(value) is dict:
             return self.obj(value, path)
-        return value
+        out = value
+        for index, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                new = self.node(item, f"{path}[{index}]")
+                if new is not item:
+                    if out is value:
+                        out = list(value)
+                    out[index] = new
+        return out
 
     def obj(self, value: dict[str, Any], path: str) -> dict[str, Any]:
-        out = {key: self.node(item, _join(path, key)) for key, item in value.items()}
-        box_key = next((key for key in BOX_KEYS if key in out), None)
-        if box_key is None:
+        out = value
+        box: tuple[int, str] | None = None
+        """(rank, key) of the first box key in vocabulary order"""
+        labels: list[tuple[int, str]] = []
+        for key, item in value.items():
+            if type(item) is dict or type(item) is list:
+                new = self.node(item, _join(path, key))
+                if new is not item:
+                    if out is value:
+                        out = dict(value)
+                    out[key] = new
+            if type(key) is str:
+                role, rank = _role(key)
+                if role == 1 and (box is None or rank < box[0]):
+                    box = (rank, key)
+                elif role == 2:
+                    labels.append((rank, key))
+        if box is None:
             return out
+        if out is value:
+            out = dict(value)
+        rank, box_key = box
         try:
-            box = to_xyxy(out[box_key], BOX_KEYS[box_key], width=self.width, height=self.height)
+            xyxy = to_xyxy(out[box_key], _BOX_FORMS[rank], width=self.width, height=self.height)
         except BoxError as exc:
             self.errors.append(f"{_join(path, box_key)}: {exc}")
         else:
             del out[box_key]
-            out["bbox_xyxy"] = list(box)
-        label_key = next((key for key in LABEL_KEYS if key in out), None)
-        if label_key is not None:
-            if isinstance(out[label_key], str):
+            out["bbox_xyxy"] = list(xyxy)
+        if labels:
+            labels.sort()
+            label_key = next((key for _, key in labels if type(out[key]) is str), None)
+            if label_key is not None:
                 out["label"] = self.label(out.pop(label_key))
             else:
-                self.errors.append(f"{_join(path, label_key)}: a label must be text")
+                self.errors.append(f"{_join(path, labels[0][1])}: a label must be text")
         return out
 
     def label(self, text: str) -> str:
@@ -163,12 +249,21 @@ class _Walk:
 def normalize_objects(
     value: JsonValue, *, width: int | None, height: int | None, synonyms: dict[str, str]
 ) -> tuple[JsonValue, list[str]]:
-    """Every object that carries a box gets `bbox_xyxy` (absolute pixels, 0.1) and a lowercased, trimmed,
-    synonym-mapped `label`. Objects without a box are left alone (an extracted `name` is not a label).
+    """Every object that carries a box (a detection) gets `bbox_xyxy` (absolute pixels, 0.1) and, from the first
+    label-like key with a text value (`LABEL_KEYS`), a lowercased, trimmed, synonym-mapped `label`. Objects without
+    a box are left alone (an extracted `name` is not a label).
 
-    Returns the new value and the problems met (`path: reason`); an object whose box cannot be read keeps it."""
+    Returns the new value (the very input where nothing changed: only what changes is copied) and the problems met
+    (`path: reason`); an object whose box cannot be read keeps it."""
     walk = _Walk(width, height, {k.strip().lower(): v.strip().lower() for k, v in synonyms.items()})
     return walk.node(value, ""), walk.errors
+
+
+@lru_cache(maxsize=4096)
+def _vocabulary_key(key: str) -> str:
+    """A key as the vocabularies spell it: trimmed, lowercase, `_` for `-` and spaces (`Class-Name` → `class_name`).
+    Cached (bounded: keys come from logs): answers repeat the same few keys."""
+    return key.strip().lower().replace("-", "_").replace(" ", "_")
 
 
 def _join(path: str, key: str) -> str:

@@ -18,11 +18,28 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from pydantic import ValidationError
 
 from schemas.errors import InvalidLog, first_error
-from schemas.logs import Feedback, ImageInfo, InvalidLogCode, JobEvent, Lineage, NormalizedLog, SourceFormat
+from schemas.logs import Feedback, InvalidLogCode, JobEvent, Lineage, NormalizedLog, SourceFormat
+from streams.flywheel.jsontext import JsonConstant, canonical, loads
 from streams.flywheel.model_output import JsonValue, OutputError, check_depth, normalize_objects, parse_json_text
 from streams.flywheel.timeparse import TimeError, parse_log_time
 
-_PRESIGN_PARAMS = ("x-amz-signature", "x-amz-credential", "x-amz-algorithm", "signature", "awsaccesskeyid")
+_S3_PRESIGN_PARAMS = frozenset(
+    {"x-amz-signature", "x-amz-credential", "x-amz-algorithm", "signature", "awsaccesskeyid"}
+)
+"""Query parameters of a path-style S3 (or MinIO) presigned URL: such a URL becomes `s3://bucket/key`."""
+_PLAIN_S3 = re.compile(r"s3://([^/?#\[\]\t\r\n]*)/+([^?#\t\r\n]*)")
+"""An `s3://bucket/key` URI that `urlsplit` would read the same way (no query, fragment, brackets or the control
+characters it drops): read directly, as most image references are."""
+_OTHER_STORES = re.compile(r"x-goog-.*|googleaccessid|x-oss-.*|ossaccesskeyid|x-cos-.*")
+"""Signing parameters of stores that are not S3: their URLs are not read as `s3://` even when `Signature` is
+among the parameters (Google's V2 signed URLs)."""
+SIGNING_PARAM = re.compile(
+    r"x-(?:amz|goog|oss|cos|ms)-[a-z0-9-]{1,40}|signature|sig|awsaccesskeyid|googleaccessid|ossaccesskeyid"
+    r"|key-pair-id|policy|token|access_token|auth|authorization"
+)
+"""Query parameters (lowercased) of signed URLs — AWS and MinIO, Google Cloud Storage, Alibaba OSS, Tencent COS,
+Azure SAS (`sig`), CloudFront — and of bearer tokens: a URL carrying any of them is kept without its query, since
+the signature would grant access to whoever reads the dataset."""
 _NUMERIC = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
 _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
@@ -38,13 +55,15 @@ def raw_log_id(raw: dict[str, Any] | bytes | str) -> str:
     """A stable id for a raw log, readable or not: a hash of its canonical JSON, or of its bytes when it is not
     JSON. A redelivered or replayed copy gets the same id."""
     if isinstance(raw, dict):
-        body = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str).encode()
-    else:
-        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-        try:
-            body = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
-        except (ValueError, RecursionError):
-            body = data
+        return log_id_of(canonical(raw))
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    try:
+        return log_id_of(canonical(loads(data), finite=True))
+    except (ValueError, RecursionError):
+        return log_id_of(data)
+
+
+def log_id_of(body: bytes) -> str:
     return "log-" + hashlib.sha256(body).hexdigest()[:24]
 
 
@@ -53,17 +72,15 @@ def load_raw(raw: dict[str, Any] | bytes | str) -> dict[str, Any]:
     if isinstance(raw, dict):
         return raw
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        value = loads(raw)
+    except JsonConstant as exc:
+        _fail("not_json", str(exc))
     except (ValueError, RecursionError) as exc:
         detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
         _fail("not_json", detail)
     if not isinstance(value, dict):
         _fail("not_an_object", f"a JSON {type(value).__name__}")
     return value
-
-
-def _reject_constant(name: str) -> NoReturn:
-    _fail("not_json", f"{name} is not JSON")
 
 
 def detect_format(value: dict[str, Any]) -> SourceFormat:
@@ -80,12 +97,25 @@ def normalize(
     raw: dict[str, Any] | bytes | str, *, lineage: Lineage | None = None, synonyms: dict[str, str] | None = None
 ) -> NormalizedLog:
     """Read one raw log of any source format; raise `InvalidLog` with a stable code when it cannot be read."""
+    if isinstance(raw, dict):
+        return normalize_loaded(raw, raw_log_id(raw), lineage=lineage, synonyms=synonyms)
     value = load_raw(raw)
+    return normalize_loaded(value, loaded_log_id(value), lineage=lineage, synonyms=synonyms)
+
+
+def loaded_log_id(value: Any) -> str:
+    """`raw_log_id` of a raw log already read by `load_raw` (which refuses NaN and infinities)."""
+    return log_id_of(canonical(value, finite=True))
+
+
+def normalize_loaded(
+    value: dict[str, Any], log_id: str, *, lineage: Lineage | None = None, synonyms: dict[str, str] | None = None
+) -> NormalizedLog:
+    """`normalize` of a raw log already read (`load_raw`) and identified (`loaded_log_id`)."""
     source_format = detect_format(value)
     fields = _READERS[source_format](value)
-    log_id = raw_log_id(value)
-    images: list[ImageInfo] = fields["images"]
-    width, height = (images[0].width, images[0].height) if images else (None, None)
+    images: list[dict[str, Any]] = fields["images"]
+    width, height = (images[0]["width"], images[0]["height"]) if images else (None, None)
     answer: JsonValue | None = fields.pop("answer", None)
     if answer is None and fields["output_text"] is not None:
         try:
@@ -182,11 +212,15 @@ def _json_value(value: object, path: str, code: InvalidLogCode) -> JsonValue | N
 
 
 def image_uri(reference: object, path: str) -> str:
-    """`s3://bucket/key` for s3 URIs, `bucket/key` and path-style presigned URLs (query dropped); other http(s)
-    URLs are kept as they are (the worker fetches those only from allow-listed hosts)."""
+    """`s3://bucket/key` for s3 URIs, `bucket/key` and path-style S3 presigned URLs (query dropped); other http(s)
+    URLs are kept as they are (the worker fetches those only from allow-listed hosts), without their query when it
+    signs them (`SIGNING_PARAM`: a signature in a dataset would grant access to the image)."""
     if not isinstance(reference, str) or not reference.strip():
         _fail("invalid_image", f"{path}: expected an image URI")
     text = reference.strip()
+    plain = _PLAIN_S3.fullmatch(text)
+    if plain is not None:
+        return _s3(plain.group(1), plain.group(2), path)
     if text.startswith("data:"):
         _fail("inline_image", f"{path}: an inline data: image")
     try:
@@ -197,11 +231,13 @@ def image_uri(reference: object, path: str) -> str:
         return _s3(parts.netloc, parts.path.lstrip("/"), path)
     if parts.scheme in ("http", "https"):
         query = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
-        if query & set(_PRESIGN_PARAMS):
+        if query & _S3_PRESIGN_PARAMS and not any(_OTHER_STORES.fullmatch(name) for name in query):
             bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
             return _s3(bucket, key, path)
         if not parts.netloc:
             _fail("invalid_image", f"{path}: a URL without a host")
+        if any(SIGNING_PARAM.fullmatch(name) for name in query):
+            return parts._replace(query="", fragment="").geturl()
         return text
     if parts.scheme:
         _fail("invalid_image", f"{path}: scheme {parts.scheme!r} is not s3 or http(s)")
@@ -238,7 +274,7 @@ def _openai_chat(value: dict[str, Any]) -> dict[str, Any]:
     failed = status_code is not None and not 200 <= status_code < 300
     feedback = _object(value.get("feedback") or {}, "feedback")
     rating = feedback.get("rating")
-    if rating is not None and rating not in _RATINGS:
+    if rating is not None and (not isinstance(rating, str) or rating not in _RATINGS):
         _fail("invalid_field", "feedback.rating: expected 'up' or 'down'")
     return {
         "request_id": _text(value.get("id"), "id"),
@@ -299,12 +335,13 @@ def _content(content: object, path: str) -> tuple[list[str], list[str]]:
     return texts, uris
 
 
-def _image(uri: str, size: object, path: str) -> ImageInfo:
+def _image(uri: str, size: object, path: str) -> dict[str, Any]:
+    """An `ImageInfo` as fields (validated once with the whole log)."""
     if size is None:
-        return ImageInfo(uri=uri)
+        return {"uri": uri, "width": None, "height": None}
     if not isinstance(size, list) or len(size) != 2:
         _fail("invalid_image", f"{path}: expected [width, height]")
-    return ImageInfo(uri=uri, width=_size(size[0], f"{path}[0]"), height=_size(size[1], f"{path}[1]"))
+    return {"uri": uri, "width": _size(size[0], f"{path}[0]"), "height": _size(size[1], f"{path}[1]")}
 
 
 def _choice_text(choices: object) -> str | None:
@@ -327,7 +364,7 @@ def _legacy_flat(value: dict[str, Any]) -> dict[str, Any]:
     if image is not None:
         uri = image_uri(image, "img")
         width, height = _size(value.get("img_w"), "img_w"), _size(value.get("img_h"), "img_h")
-        images.append(ImageInfo(uri=uri, width=width, height=height))
+        images.append({"uri": uri, "width": width, "height": height})
     latency_s = _number(value.get("lat"), "lat")
     return {
         "request_id": request_id,

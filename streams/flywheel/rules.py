@@ -18,29 +18,39 @@ A condition is either one test of a field (a dotted path into the normalized log
 | -------------- | ---------------------------------------------------------------------- |
 | `equals: V`    | equals V (a missing field is null)                                     |
 | `in: [V, ...]` | equals one of the values                                               |
-| `regex: R`     | is text in which R is found (Python `re.search`)                       |
+| `regex: R`     | is text in which R is found (RE2 syntax, searched in linear time)      |
 | `missing: B`   | is absent, null, blank text or an empty list/object (B true), or not   |
 | `less_than: N`, `greater_than: N` | is a number below / above N                         |
 | `longer_than: N` | is text or a list longer than N                                      |
+
+Regexes come from operators' files and run over hostile text, so they are evaluated by RE2 (`google-re2`), whose
+time is linear in the text whatever the pattern: a pattern RE2 cannot run (backreferences, lookaround, possessive
+or over-large repeats) is refused when the file is loaded, with one line naming the rule. RE2 differs from Python's
+`re` in what it refuses and in its digit, word, space and boundary classes, which are ASCII only.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from functools import cached_property
+from collections.abc import Callable
+from functools import cached_property, lru_cache, reduce
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Self
 
+import re2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from schemas.errors import VlmflowError
 from schemas.logs import NormalizedLog
 
 TESTS = ("equals", "in_", "regex", "missing", "less_than", "greater_than", "longer_than")
 COMBINATIONS = ("all_", "any_", "not_")
+CACHED_TEXT_CHARS = 256
+"""Texts up to this length have their match remembered per pattern (tenants, models and tasks repeat; the RE2
+binding costs several µs a call)."""
+CACHED_TEXTS = 4096
 
 
 class RulesError(VlmflowError):
@@ -73,48 +83,101 @@ class Condition(BaseModel):
         if (given[0] in TESTS) != (self.field is not None):
             raise ValueError("a test needs `field`; all/any/not take none")
         if self.regex is not None:
-            try:
-                re.compile(self.regex)
-            except re.error as exc:
-                raise ValueError(f"regex {self.regex!r}: {exc}") from None
+            LinearPattern(self.regex)
         return self
 
     @cached_property
-    def pattern(self) -> re.Pattern[str] | None:
-        return re.compile(self.regex) if self.regex is not None else None
+    def pattern(self) -> LinearPattern | None:
+        return LinearPattern(self.regex) if self.regex is not None else None
 
-    def holds(self, record: dict[str, Any]) -> bool:
-        """Whether this condition holds for `record` (a normalized log dumped to JSON types)."""
+    def holds(self, record: Any) -> bool:
+        """Whether this condition holds for `record`: a normalized log, or the same dumped to JSON types."""
+        return self.predicate(record)
+
+    @cached_property
+    def predicate(self) -> Callable[[Any], bool]:
+        """This condition as one closure, built once: evaluating it makes no attribute or `None` checks and
+        creates no generators (`all`/`any` are chained `and`/`or`)."""
         if self.all_ is not None:
-            return all(condition.holds(record) for condition in self.all_)
+            return reduce(_both, [condition.predicate for condition in self.all_])
         if self.any_ is not None:
-            return any(condition.holds(record) for condition in self.any_)
+            return reduce(_either, [condition.predicate for condition in self.any_])
         if self.not_ is not None:
-            return not self.not_.holds(record)
+            inner = self.not_.predicate
+            return lambda record: not inner(record)
         assert self.field is not None
-        return self._test(lookup(record, self.field))
+        test, path = self._test(), self.field
+        return lambda record: test(lookup(record, path))
 
-    def _test(self, value: Any) -> bool:
+    def _test(self) -> Callable[[Any], bool]:
         if self.missing is not None:
-            return _is_missing(value) == self.missing
+            missing = self.missing
+            return lambda value: _is_missing(value) == missing
         if self.in_ is not None:
-            return value in self.in_
+            values = self.in_
+            return lambda value: _json_form(value) in values
         if self.pattern is not None:
-            return isinstance(value, str) and self.pattern.search(value) is not None
+            pattern = self.pattern
+            return lambda value: isinstance(value, str) and pattern.found_in(value)
         if self.less_than is not None:
-            return _is_number(value) and value < self.less_than
+            bound = self.less_than
+            return lambda value: _is_number(value) and value < bound
         if self.greater_than is not None:
-            return _is_number(value) and value > self.greater_than
+            bound = self.greater_than
+            return lambda value: _is_number(value) and value > bound
         if self.longer_than is not None:
-            return isinstance(value, str | list) and len(value) > self.longer_than
-        return bool(value == self.equals)
+            length = self.longer_than
+            return lambda value: isinstance(value, str | list) and len(value) > length
+        expected = self.equals
+        return lambda value: bool(_json_form(value) == expected)
+
+
+def _both(first: Callable[[Any], bool], second: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda record: first(record) and second(record)
+
+
+def _either(first: Callable[[Any], bool], second: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda record: first(record) or second(record)
+
+
+_JSON_FORM: TypeAdapter[Any] = TypeAdapter(Any)
+_PLAIN = (str, int, float, bool, type(None))
+"""Types whose JSON form is the value itself (`type()` makes the test exact)."""
+
+
+def _json_form(value: Any) -> Any:
+    """What `model_dump(mode="json")` makes of a value read from a log: times as ISO text, models as objects."""
+    return value if type(value) in _PLAIN else _JSON_FORM.dump_python(value, mode="json")
+
+
+class LinearPattern:
+    """A regex searched by RE2 (time linear in the text); `ValueError` naming the pattern when RE2 refuses it."""
+
+    def __init__(self, regex: str):
+        options = re2.Options()
+        options.never_capture = True
+        options.log_errors = False
+        try:
+            self._compiled = re2.compile(regex, options)
+        except re2.error as exc:
+            reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            raise ValueError(f"regex {regex!r}: RE2 (linear time) cannot run it: {reason}") from None
+        self._found_in_short = lru_cache(maxsize=CACHED_TEXTS)(self._search)
+
+    def _search(self, text: str) -> bool:
+        return self._compiled.search(text) is not None
+
+    def found_in(self, text: str) -> bool:
+        return self._found_in_short(text) if len(text) <= CACHED_TEXT_CHARS else self._search(text)
 
 
 def lookup(record: Any, path: str) -> Any:
-    """The value at a dotted path (list items by index); None where the path leads nowhere."""
+    """The value at a dotted path (list items by index, model fields by name); None where the path leads nowhere."""
     current = record
     for part in path.split("."):
-        if isinstance(current, dict):
+        if isinstance(current, BaseModel):
+            current = getattr(current, part) if part in type(current).__pydantic_fields__ else None
+        elif isinstance(current, dict):
             current = current.get(part)
         elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
             current = current[int(part)]
@@ -142,7 +205,7 @@ class Rule(BaseModel):
 
 
 class RuleSet(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 
     rules: list[Rule]
 
@@ -155,9 +218,16 @@ class RuleSet(BaseModel):
         return self
 
     def first_match(self, log: NormalizedLog) -> Rule | None:
-        """The first rule whose condition holds for `log`, or None when the log passes."""
-        record = log.model_dump(mode="json")
-        return next((rule for rule in self.rules if rule.when.holds(record)), None)
+        """The first rule whose condition holds for `log`, or None when the log passes. Fields are read from the
+        model as the rules need them (no dump of the whole log)."""
+        for rule, holds in self._predicates:
+            if holds(log):
+                return rule
+        return None
+
+    @cached_property
+    def _predicates(self) -> list[tuple[Rule, Callable[[Any], bool]]]:
+        return [(rule, rule.when.predicate) for rule in self.rules]
 
 
 def parse_rules(text: str, source: str) -> RuleSet:

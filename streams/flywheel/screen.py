@@ -1,25 +1,45 @@
-"""The pure part of the raw-log agent: normalize, apply the filter rules, redact PII. No I/O, no offsets.
+"""The pure part of the raw-log stage: normalize, apply the filter rules, redact PII, and encode what leaves. No
+I/O, no offsets.
 
-The result is either a `NormalizedLog` ready for dedupe, or a `RejectedLog` that names the normalization code or
+`screen` gives either a `NormalizedLog` ready for dedupe, or a `RejectedLog` that names the normalization code or
 the rule that fired. Rules see the log before redaction; everything that leaves is redacted (originals included).
+`encode_outcome` turns either into the bytes of one Kafka record and never fails: a normalized log too large for a
+message becomes a `too_large` rejection, and a rejection whose original cannot be encoded keeps its reason with
+the original left out. A rejected original is bounded before it is kept (depth, length of each string, total
+size), so a hostile raw log cannot make its own rejection unsendable.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.codec import encode
 from schemas.errors import InvalidLog
 from schemas.logs import Lineage, NormalizedLog, RejectCode, RejectedLog
 from schemas.settings import StreamsSettings
-from streams.flywheel.normalize import normalize, raw_log_id
-from streams.flywheel.pii import redact_log, redact_text, redact_value
+from streams.flywheel.jsontext import loads
+from streams.flywheel.normalize import load_raw, loaded_log_id, log_id_of, normalize_loaded
+from streams.flywheel.pii import identifiers_in_uri, redact_log, redact_text, redact_value
 from streams.flywheel.rules import RuleSet, load_rules
 
+MAX_REQUEST_BYTES = 1_000_000
+"""The producer's request limit (Kafka's default `max.request.size`); a record over it could never be sent."""
+MAX_RECORD_BYTES = 900_000
+"""Records above this are not sent as they are (room left for the key, headers and the hard case's extra fields):
+a normalized log becomes a `too_large` rejection, a rejection loses its original."""
 MAX_ORIGINAL_CHARS = 2_000
 """Longer strings in a rejected original are cut (an inline image would not fit a message); the lineage points
 at the full record."""
+MAX_ORIGINAL_TOTAL_CHARS = 100_000
+"""Characters (strings and keys) kept of one rejected original; the rest of its items are counted, not kept."""
+NOT_READ: Any = object()
+"""`rejection(value=...)` when the raw record was not read yet."""
+NOT_JSON: Any = object()
+"""A raw record that is not JSON (its original is kept as cut text)."""
+MAX_ORIGINAL_DEPTH = 16
+"""Containers nested deeper in a rejected original are replaced by a note (the serializer's own limit is lower
+than what JSON parsers accept)."""
 
 
 @dataclass(frozen=True)
@@ -37,14 +57,24 @@ def screen(raw: bytes | None, *, lineage: Lineage, config: ScreenConfig) -> Norm
     """One raw record → the normalized, redacted log, or its rejection with the reason."""
     if raw is None:
         return rejection(b"", lineage, code="not_json", detail="not_json: empty value (tombstone)", config=config)
+    value: Any = NOT_READ
     try:
-        log = normalize(raw, lineage=lineage, synonyms=config.synonyms)
+        value = load_raw(raw)
+        log = normalize_loaded(value, loaded_log_id(value), lineage=lineage, synonyms=config.synonyms)
     except InvalidLog as exc:
-        return rejection(raw, lineage, code=exc.code, detail=str(exc), config=config)  # type: ignore[arg-type]
+        code: Any = exc.code
+        return rejection(raw, lineage, code=code, detail=str(exc), config=config, value=value)
     rule = config.rules.first_match(log)
     if rule is not None:
         return rejection(raw, lineage, code="rule", rule=rule.name, detail=rule.description, config=config)
-    return redact_log(log) if config.redact else log
+    if not config.redact:
+        return log
+    for index, image in enumerate(log.images):
+        found = identifiers_in_uri(image.uri)
+        if found:
+            detail = f"images[{index}].uri holds {' and '.join(found)}: the example cannot point at it without them"
+            return rejection(raw, lineage, code="pii_in_image_uri", detail=detail, config=config)
+    return redact_log(log, output_from_text=True)
 
 
 def rejection(
@@ -55,33 +85,106 @@ def rejection(
     detail: str,
     config: ScreenConfig,
     rule: str | None = None,
+    value: Any = NOT_READ,
 ) -> RejectedLog:
-    """The rejection of one raw record: its id, the reason, and the original (cut and redacted)."""
+    """The rejection of one raw record: its id, the reason, and the original (bounded and redacted). `value`: the
+    record's JSON value when `load_raw` already read it (it is not parsed again)."""
+    if value is NOT_READ:
+        try:
+            value = loads(raw)
+        except (ValueError, RecursionError):
+            value = NOT_JSON
     return RejectedLog(
-        log_id=raw_log_id(raw),
+        log_id=log_id_of(raw) if value is NOT_JSON else loaded_log_id(value),
         code=code,
         rule=rule,
         detail=(redact_text(detail) if config.redact else detail)[:1_000],
-        original=_original(raw, redact=config.redact),
+        original=_original(raw, value, redact=config.redact),
         lineage=lineage,
     )
 
 
-def _original(raw: bytes, *, redact: bool) -> Any:
-    """The raw value as JSON with long strings cut, or its text (cut) when it is not JSON; redacted when asked."""
+def encode_outcome(
+    outcome: NormalizedLog | RejectedLog, raw: bytes | None, config: ScreenConfig
+) -> tuple[NormalizedLog | RejectedLog, bytes]:
+    """The record to send for `outcome` and its bytes, always under `MAX_RECORD_BYTES`: a normalized log too large
+    becomes a `too_large` rejection; a rejection that cannot be encoded or is too large keeps its code, rule and
+    detail without the original (the lineage still points at the raw record)."""
+    if isinstance(outcome, NormalizedLog):
+        value = encode(outcome)
+        if len(value) <= MAX_RECORD_BYTES:
+            return outcome, value
+        detail = f"the normalized record has {len(value)} bytes, more than {MAX_RECORD_BYTES}"
+        assert outcome.lineage is not None, "the raw-log stage gives every log its lineage"
+        outcome = rejection(raw or b"", outcome.lineage, code="too_large", detail=detail, config=config)
     try:
-        original = _cut(json.loads(raw))
-        return redact_value(original, numbers=False) if redact else original
-    except (ValueError, RecursionError):
+        value = encode(outcome)
+    except ValueError as exc:
+        why = f"its original could not be encoded ({type(exc).__name__})"
+    else:
+        if len(value) <= MAX_RECORD_BYTES:
+            return outcome, value
+        why = f"with its original it has {len(value)} bytes, more than {MAX_RECORD_BYTES}"
+    bare = outcome.model_copy(update={"original": None, "detail": f"{outcome.detail} [{why}; original left out]"})
+    return bare, encode(bare)
+
+
+def _original(raw: bytes, value: Any, *, redact: bool) -> Any:
+    """The raw value as JSON, bounded; or its text (cut) when it is not JSON. Strings redacted when asked."""
+    if value is NOT_JSON:
         text = _cut(raw.decode("utf-8", "replace"))
         return redact_text(text) if redact else text
+    bounded = _Bounded()
+    original = bounded.value(value, depth=0)
+    if not redact:
+        return original
+    # NOTE: one scan of every kept string (NUL between them: no pattern matches across it) finds most originals
+    # clean; only the others are walked string by string.
+    joined = "\x00".join(bounded.texts)
+    return original if redact_text(joined) == joined else redact_value(original, numbers=False)
 
 
-def _cut(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_ORIGINAL_CHARS:
-        return f"{value[:MAX_ORIGINAL_CHARS]}…[{len(value) - MAX_ORIGINAL_CHARS} more chars]"
-    if isinstance(value, list):
-        return [_cut(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _cut(item) for key, item in value.items()}
-    return value
+def _cut(text: str) -> str:
+    if len(text) > MAX_ORIGINAL_CHARS:
+        return f"{text[:MAX_ORIGINAL_CHARS]}…[{len(text) - MAX_ORIGINAL_CHARS} more chars]"
+    return text
+
+
+@dataclass
+class _Bounded:
+    """One pass over an original, keeping at most `MAX_ORIGINAL_TOTAL_CHARS` characters and `MAX_ORIGINAL_DEPTH`
+    levels (recursion is bounded by the latter)."""
+
+    left: int = MAX_ORIGINAL_TOTAL_CHARS
+    texts: list[str] = field(default_factory=list)
+    """Every string and key kept."""
+
+    def value(self, value: Any, *, depth: int) -> Any:
+        if isinstance(value, str):
+            kept = _cut(value)
+            self.left -= len(kept)
+            self.texts.append(kept)
+            return kept
+        if not isinstance(value, dict | list):
+            self.left -= 8
+            return value
+        if depth >= MAX_ORIGINAL_DEPTH:
+            return f"…[nested deeper than {MAX_ORIGINAL_DEPTH} levels]"
+        if isinstance(value, list):
+            items: list[Any] = []
+            for index, item in enumerate(value):
+                if self.left <= 0:
+                    items.append(f"…[{len(value) - index} more items]")
+                    break
+                items.append(self.value(item, depth=depth + 1))
+            return items
+        fields: dict[str, Any] = {}
+        for index, (key, item) in enumerate(value.items()):
+            if self.left <= 0:
+                fields["…"] = f"[{len(value) - index} more keys]"
+                break
+            name = _cut(key)
+            self.left -= len(name)
+            self.texts.append(name)
+            fields[name] = self.value(item, depth=depth + 1)
+        return fields

@@ -7,10 +7,10 @@ import uuid
 
 from redis.asyncio import Redis
 
-from schemas.logs import Lineage
+from schemas.logs import Lineage, NormalizedLog
 from schemas.settings import Settings
 from schemas.topics import Topic
-from streams.flywheel.dedupe import SeenStore
+from streams.flywheel.dedupe import SeenStore, content_hash, lineage_text, request_fingerprint
 from streams.flywheel.normalize import normalize
 
 
@@ -23,6 +23,10 @@ def at(offset: int) -> Lineage:
     return Lineage(topic=Topic.LOGS_RAW, partition=0, offset=offset)
 
 
+def keyed(log: NormalizedLog, offset: int) -> tuple[str, str, str]:
+    return content_hash(log), request_fingerprint(log), lineage_text(at(offset))
+
+
 async def test_duplicates_redeliveries_and_tries(stack_settings: Settings) -> None:
     redis = Redis.from_url(stack_settings.redis.url)
     prefix = f"test:{uuid.uuid4().hex[:8]}"
@@ -32,15 +36,15 @@ async def test_duplicates_redeliveries_and_tries(stack_settings: Settings) -> No
         resent = normalize(legacy("r-2", '{"a": 1}'))
         retried = normalize(legacy("r-3", '{"a": 2}'))
 
-        [seen] = await store.sight([(first, at(0))])
+        [seen] = await store.sight([keyed(first, 0)])
         assert not seen.is_duplicate_of(at(0)) and seen.earlier_tries == 0
-        [again] = await store.sight([(first, at(0))])
+        [again] = await store.sight([keyed(first, 0)])
         assert not again.is_duplicate_of(at(0)) and again.earlier_tries == 0, "a redelivery is not a duplicate"
-        duplicate, retry = await store.sight([(resent, at(1)), (retried, at(2))])
+        duplicate, retry = await store.sight([keyed(resent, 1), keyed(retried, 2)])
         assert duplicate.is_duplicate_of(at(1)) and duplicate.first_lineage == f"{Topic.LOGS_RAW}:0:0"
         assert duplicate.earlier_tries == 1
         assert not retry.is_duplicate_of(at(2)) and retry.earlier_tries == 2
-        assert [s.earlier_tries for s in await store.sight([(retried, at(2)), (first, at(0))])] == [2, 0]
+        assert [s.earlier_tries for s in await store.sight([keyed(retried, 2), keyed(first, 0)])] == [2, 0]
         assert await store.sight([]) == []
 
         ttls = [await redis.ttl(key) async for key in redis.scan_iter(f"{prefix}:*")]

@@ -1,15 +1,19 @@
-"""The flywheel's agents on the real local broker and Redis: 5,000 mixed raw logs through `vlmflow streams`."""
+"""The flywheel on the real local broker and Redis: 5,000 mixed raw logs through `vlmflow streams`, its
+Prometheus metrics read while they flow."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from schemas.cases import HardCase
@@ -17,10 +21,12 @@ from schemas.codec import decode
 from schemas.logs import REJECT_CODES, Lineage, NormalizedLog, RejectedLog
 from schemas.settings import Settings
 from schemas.topics import Topic
+from streams.flywheel import metrics
 from streams.flywheel.mining import hard_case
 from streams.review.queue import CorrectionQueue
 from tests.support.flywheel_data import PlannedLog, mixed_raw_logs
-from tests.support.flywheel_worker import Records, produce, read_topics, streams_worker
+from tests.support.flywheel_worker import Records, metrics_port, produce, read_topics, streams_worker
+from tests.support.ops_data import read_topic
 
 LOG_COUNT = 5_000
 DEADLINE_S = 150.0
@@ -54,6 +60,26 @@ def oversized_log() -> PlannedLog:
     return PlannedLog(b"huge", json.dumps(raw).encode(), "rejected:too_large")
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of the worker's /metrics, by series name and sorted labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(value for (series, have), value in samples.items()
+               if series == name and set(labels.items()) <= set(have))  # fmt: skip
+
+
 def test_flywheel_stream(settings: Settings, tmp_path: Path) -> None:
     unique = uuid.uuid4().hex[:8]
     settings = settings.model_copy(
@@ -63,21 +89,36 @@ def test_flywheel_stream(settings: Settings, tmp_path: Path) -> None:
             )
         }  # fmt: skip
     )
-    planned = produce(settings, [*mixed_raw_logs(LOG_COUNT - 1, seed=11), oversized_log()])
+    logs = [*mixed_raw_logs(LOG_COUNT - 1, seed=11), oversized_log()]
+    half = LOG_COUNT // 2
+    planned = produce(settings, logs[:half])
     worker_log = tmp_path / "streams.log"
     with streams_worker(settings, worker_log) as worker:
 
-        def all_screened(found: Records) -> bool:
-            return worker.poll() is not None or len(found[NORMALIZED]) + len(found[REJECTED]) >= LOG_COUNT
+        def screened_all(count: int) -> Callable[[Records], bool]:
+            return lambda found: worker.poll() is not None or len(found[NORMALIZED]) + len(found[REJECTED]) >= count
 
-        screened = read_topics(settings, [NORMALIZED, REJECTED], all_screened, DEADLINE_S)
+        read_topics(settings, [NORMALIZED, REJECTED], screened_all(half), DEADLINE_S)
+        port = metrics_port(worker_log)
+        # The metrics while logs flow: the first half counted, the second half on its way in.
+        planned |= produce(settings, logs[half:])
+        flowing = scrape(port)
+        assert total(flowing, f"{metrics.RECORDS_IN}", agent="raw") >= half
+        assert total(flowing, f"{metrics.RECORDS_OUT}", agent="raw") >= half
+        assert {dict(labels)["partition"] for (name, labels) in flowing if name == metrics.CONSUMER_LAG} == {
+            str(partition) for partition in range(6)
+        }
+
+        screened = read_topics(settings, [NORMALIZED, REJECTED], screened_all(LOG_COUNT), DEADLINE_S)
         assert worker.poll() is None, worker_log.read_text()[-3000:]
         over = over_threshold(settings, [decode(NORMALIZED, record.value) for record in screened[NORMALIZED]])
         queued = asyncio.run(queued_cases(settings, len(over), 60))
+        time.sleep(3 * 2)  # the progress interval (2 s): the queue gauge and the lag catch up
+        done = scrape(port)
     assert worker.returncode == 0, worker_log.read_text()[-3000:]
     assert "flywheel: normalized" in worker_log.read_text()
 
-    final = read_topics(settings, [NORMALIZED, REJECTED, HARD], lambda _: False, 3)
+    final = {topic: read_topic(settings, topic) for topic in (NORMALIZED, REJECTED, HARD)}
     normalized: list[NormalizedLog] = [decode(NORMALIZED, record.value) for record in final[NORMALIZED]]
     rejected: list[RejectedLog] = [decode(REJECTED, record.value) for record in final[REJECTED]]
     hard: list[HardCase] = [decode(HARD, record.value) for record in final[HARD]]
@@ -121,6 +162,16 @@ def test_flywheel_stream(settings: Settings, tmp_path: Path) -> None:
         if group is not None:
             attempts[group].append(log.attempt)
     assert attempts and all(sorted(tries) == [0, 1] for tries in attempts.values()), attempts
+
+    # the metrics at the end agree with the topics and the queue
+    assert total(done, metrics.RECORDS_IN, agent="raw") == LOG_COUNT
+    for name, records in ((NORMALIZED, normalized), (REJECTED, rejected), (HARD, hard)):
+        assert total(done, metrics.RECORDS_OUT, agent="raw", topic=name) == len(records), name
+    by_code = Counter((r.code, r.rule or "") for r in rejected)
+    assert {key: total(done, metrics.REJECTIONS, code=key[0], rule=key[1]) for key in by_code} == by_code
+    assert total(done, metrics.HARD_CASES) == len(hard)
+    assert total(done, metrics.QUEUE_PENDING) == len(queued)
+    assert total(done, metrics.CONSUMER_LAG) == 0
 
 
 def _where(lineage: Lineage | None) -> tuple[int, int]:

@@ -8,27 +8,15 @@ from __future__ import annotations
 import faust
 
 from schemas.settings import load_settings
-from streams.flywheel.app import add_golden_agent
+from streams.flywheel.app import add_golden_agent, faust_app
+from streams.flywheel.metrics import StreamsMetrics
+from streams.flywheel.stage import Counts
 
 
 def main() -> None:
     settings = load_settings()
-    session_s = settings.kafka.session_timeout_ms / 1000
-    app = faust.App(
-        settings.streams.app_id,
-        broker=f"kafka://{settings.kafka.bootstrap_servers}",
-        broker_session_timeout=session_s,
-        broker_heartbeat_interval=session_s / 3,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        store="memory://",
-        datadir=str(settings.state_dir / "golden-app"),
-        web_enabled=False,
-        topic_partitions=1,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    add_golden_agent(app, settings)
+    app = faust_app(settings, app_id=settings.streams.app_id, datadir=str(settings.state_dir / "golden-app"))
+    add_golden_agent(app, settings, Counts(), StreamsMetrics())
     faust.Worker(app, loglevel="INFO").execute_from_commandline()
 
 

@@ -475,3 +475,25 @@ def test_long_repetitive_texts_do_not_hang(unit: str) -> None:
     text = unit * (300_000 // len(unit))
     log = redact_log(normalize(legacy(ans=text, q=text)))
     assert log.output_text is not None and log.prompt
+
+
+# -- issue 12 item 13 and issue 14: typed errors for any rating, labels under any label-like key -------------------
+
+
+@pytest.mark.parametrize("rating", [{"value": "up"}, ["up"], 1, True])
+def test_a_rating_that_is_no_text_is_an_invalid_field(rating: Any) -> None:
+    assert code_of(chat(feedback={"rating": rating})) == "invalid_field"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["label", "Label", "NAME", "name", "Category", "class", "CLASS", "class-name", "Object", "tag"]),
+    st.sampled_from(["bbox_2d", "BBox_2D", "bbox", "Box", "box_1000"]),
+    st.text(min_size=1, max_size=20),
+)
+def test_no_object_with_a_label_like_key_loses_its_label(label_key: str, box_key: str, label: str) -> None:
+    box = [0.1, 0.2, 0.3, 0.4] if box_key.lower() == "box" else [10, 20, 30, 40]
+    log = normalize(with_answer(json.dumps({"objects": [{label_key: label, box_key: box}]})))
+    assert log.output is not None
+    (obj,) = log.output["objects"]
+    assert obj["label"] == label.strip().lower() and "bbox_xyxy" in obj

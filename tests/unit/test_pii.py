@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas.logs import ImageInfo, NormalizedLog
-from streams.flywheel.pii import redact_log, redact_text, redact_value
+from streams.flywheel.pii import identifiers_in_uri, redact_log, redact_text, redact_value
 
 
 @pytest.mark.parametrize(
@@ -73,3 +73,26 @@ def test_redact_log_covers_every_text_and_leaves_references() -> None:
     assert redacted.output_error == "near [PHONE]"
     assert redacted.correction == {"phone": "[PHONE]", "id": "[NUMBER]"}
     assert (redacted.request_id, redacted.images) == (log.request_id, log.images)
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("+49 30 1234567", "[PHONE]"),
+        ("0151 12345678", "[PHONE]"),
+        ("call 415-555-0100: ask for Bob", "call [PHONE]: ask for Bob"),
+        (
+            "see https://x/a.png?X-Goog-Signature=abc123&X-Goog-Date=1",
+            "see https://x/a.png?X-Goog-Signature=[SECRET]&X-Goog-Date=1",
+        ),
+    ],
+)
+def test_issue_12_phone_forms_and_signatures_are_redacted(text: str, redacted: str) -> None:
+    assert redact_text(text) == redacted
+
+
+def test_identifiers_in_image_uris_are_found() -> None:
+    assert identifiers_in_uri("s3://vlm-images/jane.doe@example.com/id-card.jpg") == ["email"]
+    assert identifiers_in_uri("s3://vlm-images/jane.doe%40example.com/id.jpg") == ["email"]
+    assert identifiers_in_uri("s3://vlm-images/users/+4915112345678/a.jpg") == ["phone"]
+    assert identifiers_in_uri("s3://vlm-images/chat/1772366400123.png") == []

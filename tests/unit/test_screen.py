@@ -76,3 +76,15 @@ def test_content_hash_and_request_fingerprint() -> None:
     assert content_hash(first) == content_hash(resent) == content_hash(other_tenant) != content_hash(other_answer)
     assert request_fingerprint(first) == request_fingerprint(other_answer) != request_fingerprint(other_tenant)
     assert lineage_text(LINEAGE) == f"{Topic.LOGS_RAW}:1:9"
+
+
+def test_a_deep_or_huge_raw_log_still_gets_a_sendable_rejection() -> None:
+    """Issue 12 item 8: a 300-deep raw log broke the rejection's encoding; a ~1 MB one exceeded the request size."""
+    from streams.flywheel.screen import MAX_RECORD_BYTES, encode_outcome
+
+    deep = ("[" * 300 + "]" * 300).encode()
+    huge = json.dumps({"req_id": "r", "items": ["x" * 50] * 20_000}).encode()
+    for raw in (deep, huge):
+        outcome = screen(raw, lineage=LINEAGE, config=CONFIG)
+        final, value = encode_outcome(outcome, raw, CONFIG)
+        assert isinstance(final, RejectedLog) and len(value) <= MAX_RECORD_BYTES

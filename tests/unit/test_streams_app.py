@@ -13,10 +13,11 @@ from streams.flywheel.app import _credentials, create_app
 from vlmflow.cli import main
 
 
-def test_the_app_has_every_flywheel_agent(tmp_path: Path) -> None:
+def test_the_app_has_the_golden_agent_and_its_own_group(tmp_path: Path) -> None:
+    """The raw-log stage uses the app id as its consumer group; the golden agent's Faust app needs another."""
     app = create_app(load_settings(state_dir=tmp_path, streams={"app_id": "unit-flywheel"}))
-    assert app.conf.id == "unit-flywheel"
-    assert set(app.agents) >= {"vlmflow.normalize", "vlmflow.mine", "vlmflow.enqueue", "vlmflow.golden"}
+    assert app.conf.id == "unit-flywheel-golden"
+    assert set(app.agents) == {"vlmflow.golden"}
     assert (tmp_path / "streams" / "unit-flywheel").is_dir()
 
 

@@ -1,0 +1,192 @@
+"""Screening raw records on the CPUs of the machine: the raw-log stage's CPU-bound work, run in worker processes.
+
+Screening (normalize, rules, PII redaction), encoding the outcome, hashing it for dedupe and mining it are pure and
+take most of the stage's time, so the stage hands batches of raw records to a pool of `screen_processes` worker
+processes (`Screener`) and keeps the I/O (Kafka, Redis) in its own process. What crosses the process boundary is
+plain data: raw bytes in, `Screened` records (encoded bytes, hashes, ids) out, never pydantic models.
+
+A worker decides with `attempt` as the log carries it; when dedupe then finds earlier tries of the same request
+(or a duplicate), the stage adjusts that one record itself (`adjusted`, rare). Failure policy: a defect met while
+screening one record becomes that record's `internal_error` rejection; a pool that broke (a worker killed) is
+replaced and the batch screened again; with `screen_processes` 0 the stage screens in its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Literal
+
+from schemas.cases import HardCase
+from schemas.codec import encode
+from schemas.logs import Lineage, NormalizedLog, RejectedLog
+from schemas.settings import StreamsSettings
+from streams.flywheel.dedupe import Sighting, content_hash, request_fingerprint
+from streams.flywheel.mining import hard_case
+from streams.flywheel.screen import ScreenConfig, encode_outcome, rejection, screen
+
+log = logging.getLogger(__name__)
+
+CHUNKS_PER_PROCESS = 2
+"""A batch is cut into this many chunks per worker process, so that a slow chunk does not idle the others."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One raw record as a worker process gets it."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+    @property
+    def lineage(self) -> Lineage:
+        return Lineage(topic=self.topic, partition=self.partition, offset=self.offset)
+
+    @property
+    def source_text(self) -> str:
+        """`topic:partition:offset`, as dedupe remembers a log (`streams.flywheel.dedupe.lineage_text`)."""
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """What screening made of one raw record: the encoded outcome and what the stage needs beside it."""
+
+    kind: Literal["normalized", "rejected"]
+    log_id: str
+    value: bytes
+    """The encoded `NormalizedLog` or `RejectedLog`."""
+    code: str | None = None
+    """The reject code (rejections)."""
+    rule: str | None = None
+    content_hash: str | None = None
+    """Dedupe keys and the log's own `attempt` (normalized logs)."""
+    request_fingerprint: str | None = None
+    attempt: int = 0
+    case: bytes | None = None
+    """The encoded `HardCase` when the log is one."""
+    case_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything a worker needs to screen and mine."""
+
+    config: ScreenConfig
+    streams: StreamsSettings
+
+    @classmethod
+    def from_settings(cls, streams: StreamsSettings) -> Rules:
+        return cls(ScreenConfig.from_settings(streams), streams)
+
+
+def screen_record(record: RawRecord, rules: Rules) -> Screened:
+    """Screen, encode and mine one raw record; a defect in vlmflow becomes its `internal_error` rejection."""
+    lineage = record.lineage
+    try:
+        outcome = screen(record.value, lineage=lineage, config=rules.config)
+    except Exception as exc:
+        log.exception("defect while screening %s[%d]@%d", record.topic, record.partition, record.offset)
+        outcome = rejection(
+            record.value or b"", lineage, code="internal_error", detail=type(exc).__name__, config=rules.config
+        )
+    return _screened(outcome, record.value, rules)
+
+
+def adjusted(item: Screened, record: RawRecord, sighting: Sighting, rules: Rules) -> Screened:
+    """A normalized log after dedupe: a duplicate becomes a rejection naming the first copy; earlier tries of the
+    same request raise its `attempt` (and may make it a hard case). Unchanged otherwise."""
+    if sighting.first_lineage != record.source_text:
+        lineage = record.lineage
+        detail = f"same images, prompt and answer as {sighting.first_lineage}"
+        duplicate = rejection(
+            record.value or b"", lineage, code="duplicate", rule="dedupe", detail=detail, config=rules.config
+        )
+        return _screened(duplicate, record.value, rules)
+    if sighting.earlier_tries <= item.attempt:
+        return item
+    lineage = record.lineage
+    normalized = NormalizedLog.model_validate_json(item.value).model_copy(update={"attempt": sighting.earlier_tries})
+    return _screened(normalized, record.value, rules)
+
+
+def _screened(outcome: NormalizedLog | RejectedLog, raw: bytes | None, rules: Rules) -> Screened:
+    final, value = encode_outcome(outcome, raw, rules.config)
+    if isinstance(final, RejectedLog):
+        return Screened("rejected", final.log_id, value, code=final.code, rule=final.rule)
+    case = hard_case(final, rules.streams.mining, threshold=rules.streams.hard_case_threshold)
+    return Screened(
+        "normalized",
+        final.log_id,
+        value,
+        content_hash=content_hash(final),
+        request_fingerprint=request_fingerprint(final),
+        attempt=final.attempt,
+        case=encode(case) if case is not None else None,
+        case_id=case.case_id if case is not None else None,
+    )
+
+
+def hard_case_of(item: Screened) -> HardCase | None:
+    return HardCase.model_validate_json(item.case) if item.case is not None else None
+
+
+_worker_rules: Rules | None = None
+"""A worker process's rules, set once by `_start_worker`."""
+
+
+def _start_worker(streams_json: str) -> None:
+    global _worker_rules
+    _worker_rules = Rules.from_settings(StreamsSettings.model_validate_json(streams_json))
+
+
+def _screen_chunk(records: list[RawRecord]) -> list[Screened]:
+    assert _worker_rules is not None, "the pool's initializer sets the rules"
+    return [screen_record(record, _worker_rules) for record in records]
+
+
+class Screener:
+    """Screens batches on a pool of worker processes (or in this process with `processes` 0)."""
+
+    def __init__(self, streams: StreamsSettings, processes: int):
+        self.streams = streams
+        self.rules = Rules.from_settings(streams)
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _started_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self.streams.model_dump_json(),),
+            )
+        return self._pool
+
+    async def screen(self, records: list[RawRecord]) -> list[Screened]:
+        """Every record screened, in order."""
+        if self.processes == 0 or not records:
+            return [screen_record(record, self.rules) for record in records]
+        size = -(-len(records) // (self.processes * CHUNKS_PER_PROCESS))
+        chunks = [records[start : start + size] for start in range(0, len(records), size)]
+        loop = asyncio.get_running_loop()
+        while True:
+            pool = self._started_pool()
+            try:
+                results = await asyncio.gather(*(loop.run_in_executor(pool, _screen_chunk, c) for c in chunks))
+                return [item for chunk in results for item in chunk]
+            except BrokenProcessPool:
+                log.warning("a screening process died; starting the pool again and screening the batch again")
+                self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,385 @@
+"""The raw-log stage of `vlmflow streams`: vlm.logs.raw → screen, dedupe, mine, queue → normalized | rejected | hard.
+
+    vlm.logs.raw ──▶ screen (normalize, rules, PII) ──▶ dedupe (Redis) ──▶ vlm.logs.normalized
+                      └─ rejected with code/rule ──────┴─ duplicate ──▶ vlm.logs.rejected
+                     normalized ──▶ mine (signals, score) ──▶ correction queue (Redis) + vlm.cases.hard
+
+It is the hot path of the flywheel, so it runs on aiokafka directly rather than as a Faust agent: Faust's
+per-event machinery cost more than screening itself (docs/flywheel.md has the measurements). It runs inside the
+Faust worker as a `mode.Service`, in a consumer group of its own (`<app_id>`), and owns its offsets.
+
+One batch (`_handle`), in order:
+
+    1. ledger: skip records whose outputs are already written (a redelivery after a crash or a rebalance)
+    2. screen every other record (pure), sight the normalized ones in Redis (dedupe, tries), mine hard cases
+    3. queue the hard cases (idempotent per case id)
+    4. ledger: begin (the batch's offsets, the outputs' known ends)
+    5. produce every output with its source header, wait for every acknowledgement
+    6. ledger: finish; commit the batch's offsets
+
+Delivery: each raw record's outputs are written once (`streams.flywheel.ledger`), whatever crashes between the
+steps; Redis effects are idempotent. Failure policy: a defect met while screening a record becomes that record's
+`internal_error` rejection; Redis errors are retried with backoff (the stage pauses); a produce failure takes the
+batch again from step 1, which finds what was written. Only a failure of the stage's own setup stops the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from mode import Service
+
+from schemas.cases import HardCase
+from schemas.connections import aiokafka_options, redis_client
+from schemas.settings import Settings
+from schemas.topics import Topic
+from streams.flywheel.dedupe import RETRY_BACKOFF_S, SeenStore, retrying
+from streams.flywheel.ledger import Ledger, LedgerEntry, ScanStalled, find_written, output_partition_text, plan
+from streams.flywheel.metrics import StreamsMetrics
+from streams.flywheel.outputs import SOURCE_HEADER, Output, Source, partition_for
+from streams.flywheel.screen import MAX_REQUEST_BYTES
+from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted, hard_case_of
+from streams.review.queue import CorrectionQueue
+
+log = logging.getLogger(__name__)
+
+AGENT = "raw"
+"""The stage's name in metrics."""
+BATCH_MAX = 500
+"""Records taken at once: dedupe, the ledger and the queue cost one Redis round trip per batch, not per log."""
+POLL_TIMEOUT_MS = 200
+PRODUCER_LINGER_MS = 5
+SCAN_STALL_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+"""On stop, how long the batch in progress may take to finish before the stage is cancelled."""
+OUTPUT_TOPICS = (Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED, Topic.CASES_HARD)
+
+
+@dataclass
+class Counts:
+    """What this worker did since it started, for the progress line."""
+
+    normalized: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    hard_cases: int = 0
+    redelivered: int = 0
+    golden: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{code} {number}" for code, number in self.rejected.most_common())
+        golden = ", ".join(f"{step} {number}" for step, number in sorted(self.golden.items()))
+        return (
+            f"normalized {self.normalized}, rejected {sum(self.rejected.values())}"
+            f"{f' ({reasons})' if reasons else ''}, hard cases {self.hard_cases} (queued), "
+            f"redelivered and skipped {self.redelivered}, golden corrections: {golden or 'none'}, "
+            f"undecodable skipped {self.skipped}"
+        )
+
+
+@dataclass
+class Batch:
+    """Raw records fetched together, and their screening (running in the worker processes)."""
+
+    records: list[RawRecord]
+    screening: asyncio.Future[list[Screened]]
+    generation: int
+
+
+class RawLogStage(Service):
+    """The raw-log stage as a service of the Faust worker (started and stopped with it)."""
+
+    def __init__(self, settings: Settings, counts: Counts, metrics: StreamsMetrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.counts = counts
+        self.metrics = metrics
+        self.member = f"{settings.kafka.client_id}-{uuid.uuid4().hex[:8]}"
+        self.batch_lock = asyncio.Lock()
+        self._finished = asyncio.Event()
+        self._ends: dict[TopicPartition, int] = {}
+        """output partition -> an offset at or below its end (acknowledgements move it up)"""
+        self._partitions: dict[str, int] = {}
+        self._ahead: Batch | None = None
+        """The batch fetched last, being screened while the one before it is handled."""
+        self._generation = 0
+        """Bumped when partitions move: a batch fetched under an older generation is dropped."""
+
+    async def on_start(self) -> None:
+        settings, streams = self.settings, self.settings.streams
+        options = aiokafka_options(settings.kafka)
+        session_ms = settings.kafka.session_timeout_ms
+        self.consumer = AIOKafkaConsumer(
+            **options,
+            group_id=streams.app_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=BATCH_MAX,
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(100, session_ms // 3),
+        )
+        self.producer = AIOKafkaProducer(
+            **options, acks="all", linger_ms=PRODUCER_LINGER_MS, max_request_size=MAX_REQUEST_BYTES
+        )
+        self.scanner = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
+        self.redis = redis_client(settings)
+        self.seen = SeenStore(
+            self.redis,
+            prefix=f"vlmflow:{{streams:{streams.app_id}}}",
+            dedupe_ttl_s=streams.dedupe_ttl_s,
+            retry_window_s=streams.retry_window_s,
+        )
+        self.ledger = Ledger(self.redis, app_id=streams.app_id, owner=self.member)
+        self.queue = CorrectionQueue(self.redis, streams.review_queue)
+        self.screener = Screener(streams, streams.screen_processes)
+        await self.producer.start()
+        await self.scanner.start()
+        for topic in OUTPUT_TOPICS:
+            self._partitions[topic] = len(await self.producer.partitions_for(topic))
+        outputs = [TopicPartition(t, p) for t in OUTPUT_TOPICS for p in range(self._partitions[t])]
+        # NOTE: ListOffsets "latest" is a lower bound on the local broker, which is all a scan start needs.
+        self._ends = dict(await self.scanner.end_offsets(outputs))
+        self.consumer.subscribe([Topic.LOGS_RAW], listener=_Rebalance(self))
+        await self.consumer.start()
+
+    @Service.task
+    async def _run(self) -> None:
+        """Fetch a batch and start screening it, then handle the batch before it: the worker processes screen
+        while this process waits for Redis and the broker."""
+        try:
+            while not self.should_stop:
+                fetched = await self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=BATCH_MAX)
+                batch = self._screening(fetched) if fetched else None
+                async with self.batch_lock:
+                    if self._ahead is not None:
+                        await self._handle_until_written(self._ahead)
+                    self._ahead = batch
+                await self._update_lag()
+            async with self.batch_lock:
+                if self._ahead is not None:
+                    await self._handle_until_written(self._ahead)
+                    self._ahead = None
+        finally:
+            self._finished.set()
+
+    def _screening(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> Batch:
+        records = [_raw_record(record) for records in fetched.values() for record in records]
+        return Batch(records, asyncio.ensure_future(self.screener.screen(records)), self._generation)
+
+    async def on_stop(self) -> None:
+        try:
+            await asyncio.wait_for(self._finished.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the raw-log stage did not finish its batch within %.0f s", STOP_TIMEOUT_S)
+        await self.consumer.stop()
+        await self.producer.stop()
+        await self.scanner.stop()
+        await self.redis.aclose()
+        self.screener.close()
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Called with the batch lock held when partitions move: the batch fetched ahead is dropped (its records
+        are not committed; their owner after the rebalance fetches them again)."""
+        self._generation += 1
+        self._ahead = None
+        for tp in partitions:
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
+
+    async def _handle_until_written(self, batch: Batch) -> None:
+        """`_handle`, taken again after a produce failure (step 1 then finds what was written)."""
+        if batch.generation != self._generation:
+            return
+        for attempt in count(1):
+            try:
+                await self._handle(batch)
+                return
+            except (KafkaError, ScanStalled) as exc:
+                wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S)) - 1]
+                log.warning("raw batch failed (try %d, again in %.1f s): %s", attempt, wait, exc)
+                self.metrics.kafka_retries.inc()
+                await asyncio.sleep(wait)
+
+    async def _handle(self, batch: Batch) -> None:
+        started = time.monotonic()
+        self.metrics.records_in.labels(AGENT).inc(len(batch.records))
+        by_tp: dict[TopicPartition, list[int]] = defaultdict(list)
+        for index, record in enumerate(batch.records):
+            by_tp[TopicPartition(record.topic, record.partition)].append(index)
+        # Step 1: what the ledger says is written already.
+        entries = await self._redis(lambda: self.ledger.read(list(by_tp)), "ledger")
+        keep: list[int] = []
+        for tp, indexes in by_tp.items():
+            written = await self._written(tp, entries[tp])
+            done = entries[tp].done
+            keep += [i for i in indexes if batch.records[i].offset > done and batch.records[i].offset not in written]
+        skipped = len(batch.records) - len(keep)
+        self.counts.redelivered += skipped
+        self.metrics.redelivered.labels(AGENT).inc(skipped)
+        # Step 2: screened and mined by the worker processes (started when fetched), dedupe here.
+        screened_all = await batch.screening
+        records = [batch.records[i] for i in sorted(keep)]
+        screened = await self._dedupe([screened_all[i] for i in sorted(keep)], records)
+        # Step 3: queue the hard cases.
+        cases = [case for item in screened if (case := hard_case_of(item)) is not None]
+        await self._redis(lambda: self._enqueue(cases), "correction queue")
+        # Step 4: begin.
+        spans: dict[TopicPartition, tuple[int, int]] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            first, _ = spans.get(tp, (record.offset, record.offset))
+            spans[tp] = (first, record.offset)
+        ends = {output_partition_text(tp): offset for tp, offset in self._ends.items()}
+        begun = {tp: self.ledger.begun(entries[tp], spans[tp], ends) for tp in spans}
+        owned = await self._redis(lambda: self.ledger.write({tp: (entries[tp], begun[tp]) for tp in spans}), "ledger")
+        if lost := set(spans) - owned:
+            log.warning("dropped the batch of %s: another member took the partition over", sorted(map(str, lost)))
+        # Step 5: produce, wait for every acknowledgement.
+        sent = [
+            (item, record)
+            for item, record in zip(screened, records, strict=True)
+            if TopicPartition(record.topic, record.partition) in owned
+        ]
+        await self._produce([output for item, record in sent for output in _outputs(item, record)])
+        self._count(item for item, _ in sent)
+        # Step 6: finish, commit.
+        finished = {tp: (begun[tp], self.ledger.finished(begun[tp])) for tp in owned}
+        await self._redis(lambda: self.ledger.write(finished), "ledger")
+        last = {tp: batch.records[indexes[-1]].offset + 1 for tp, indexes in by_tp.items() if tp not in lost}
+        await self._commit(last)
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+
+    async def _written(self, tp: TopicPartition, entry: LedgerEntry) -> set[int]:
+        """The offsets of an unfinished batch of `tp` whose outputs reached the broker (empty when none is)."""
+        span = plan(entry).look_up
+        if span is None:
+            return set()
+        starts = {}
+        for text, offset in entry.scan_from.items():
+            topic, _, partition = text.rpartition(":")
+            starts[TopicPartition(topic, int(partition))] = offset
+        found = await find_written(
+            self.scanner, starts, tp.topic, tp.partition, span, stall_timeout_s=SCAN_STALL_TIMEOUT_S
+        )
+        log.info("%s: an unfinished batch (offsets %d-%d) had %d records written", tp, span[0], span[1], len(found))
+        return found
+
+    async def _dedupe(self, screened: list[Screened], records: list[RawRecord]) -> list[Screened]:
+        """One Redis call sighting the normalized logs; the few that dedupe changes are adjusted here."""
+        passed = [i for i, item in enumerate(screened) if item.kind == "normalized"]
+        sightings = await self.seen.sight(
+            [(*_keys(screened[i]), records[i].source_text) for i in passed],
+            on_retry=lambda: self.metrics.redis_retries.labels("dedupe").inc(),
+        )
+        adjusted_all = list(screened)
+        for i, sighting in zip(passed, sightings, strict=True):
+            adjusted_all[i] = adjusted(screened[i], records[i], sighting, self.screener.rules)
+        return adjusted_all
+
+    async def _enqueue(self, cases: list[HardCase]) -> None:
+        await self.queue.enqueue_many(cases)
+
+    async def _produce(self, outputs: list[Output]) -> None:
+        """Write `outputs` in one batch per output partition and wait for every acknowledgement."""
+        by_partition: dict[TopicPartition, list[Output]] = defaultdict(list)
+        for output in outputs:
+            tp = TopicPartition(output.topic, partition_for(output.key, self._partitions[output.topic]))
+            by_partition[tp].append(output)
+        pending = []
+        for tp, items in by_partition.items():
+            batch = self.producer.create_batch()
+            for output in items:
+                headers = [(SOURCE_HEADER, output.source.header())]
+                if batch.append(key=output.key, value=output.value, timestamp=None, headers=headers) is None:
+                    pending.append((tp, batch, await self.producer.send_batch(batch, tp.topic, partition=tp.partition)))
+                    batch = self.producer.create_batch()
+                    batch.append(key=output.key, value=output.value, timestamp=None, headers=headers)
+            pending.append((tp, batch, await self.producer.send_batch(batch, tp.topic, partition=tp.partition)))
+        for tp, batch, future in pending:
+            metadata = await future
+            self._ends[tp] = max(self._ends.get(tp, 0), metadata.offset + batch.record_count())
+        for tp, items in by_partition.items():
+            self.metrics.records_out.labels(AGENT, tp.topic).inc(len(items))
+
+    def _count(self, items: Iterable[Screened]) -> None:
+        for item in items:
+            if item.kind == "rejected":
+                self.counts.rejected[item.code or ""] += 1
+                self.metrics.rejections.labels(item.code or "", item.rule or "").inc()
+                continue
+            self.counts.normalized += 1
+            if item.case is not None:
+                self.counts.hard_cases += 1
+                self.metrics.hard_cases.inc()
+
+    async def _commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit; a partition that moved meanwhile is the new owner's (the ledger keeps its outputs unique)."""
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(dict(offsets))
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.info("commit skipped, the group rebalanced: %s", exc)
+
+    async def _redis(self, operation: Any, what: str) -> Any:
+        return await retrying(
+            operation, f"Redis ({what})", on_retry=lambda: self.metrics.redis_retries.labels(what).inc()
+        )
+
+    async def _update_lag(self) -> None:
+        """Lag per held partition: the high watermark of the last fetch minus the next offset to handle."""
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = await self.consumer.position(tp)
+            except IllegalStateError:
+                continue
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Lets the batch in progress finish (and commit) before partitions move."""
+
+    def __init__(self, stage: RawLogStage):
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.stage.batch_lock:
+            self.stage.revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("raw-log stage holds %s", ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)))
+
+
+def _raw_record(record: ConsumerRecord) -> RawRecord:
+    return RawRecord(record.topic, record.partition, record.offset, record.value)
+
+
+def _keys(item: Screened) -> tuple[str, str]:
+    assert item.content_hash is not None and item.request_fingerprint is not None, "normalized logs carry them"
+    return item.content_hash, item.request_fingerprint
+
+
+def _outputs(item: Screened, record: RawRecord) -> list[Output]:
+    """The records one raw record becomes (keyed by log id on all three topics, as the registry says)."""
+    source = Source(record.topic, record.partition, record.offset)
+    key = item.log_id.encode()
+    topic = Topic.LOGS_NORMALIZED if item.kind == "normalized" else Topic.LOGS_REJECTED
+    outputs = [Output(topic, key, item.value, source)]
+    if item.case is not None:
+        outputs.append(Output(Topic.CASES_HARD, key, item.case, source))
+    return outputs
