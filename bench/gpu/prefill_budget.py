@@ -34,33 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.gpu.calibrate import QWEN2_VL_7B_TEXT, QWEN2_VL_7B_VISION  # noqa: E402
 from schemas.settings import Settings, load_settings  # noqa: E402
+from workers.capacity import pool_capacity  # noqa: E402
+from workers.limits import derive_limits  # noqa: E402
 from workers.tokens import image_tokens  # noqa: E402
 
-QWEN2_VL_7B_TEXT = {
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-}
-"""Qwen2-VL-7B-Instruct's text model (its config.json); KV bytes per token in bf16: 2*28*4*128*2 = 57,344."""
-QWEN2_VL_7B_VISION = {
-    "depth": 32,
-    "embed_dim": 1280,
-    "num_heads": 16,
-    "mlp_ratio": 4,
-    "hidden_size": 3584,
-    "in_chans": 3,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
-"""Qwen2-VL-7B-Instruct's vision tower (675M parameters)."""
 PROMPT = "Describe the image."
 
 
@@ -175,7 +154,6 @@ def main() -> None:
     parser.add_argument("--image", default="1024x768", help="WIDTHxHEIGHT of every image (1024x768: 999 tokens)")
     parser.add_argument("--max-pixels", type=int, default=1_003_520, help="the engine's and estimator's max_pixels")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
-    parser.add_argument("--output-tokens", type=int, default=256, help="per job, for the suggested capacity")
     args = parser.parse_args()
     width, height = (int(side) for side in args.image.lower().split("x"))
     batches = [int(count) for count in args.batches.split(",")]
@@ -217,12 +195,15 @@ def main() -> None:
             f"{row.images:>6} {row.vision_tokens:>10,} {row.prefill_s:>9.3f} {rate:>12,.0f} "
             f"{gib(row.peak_bytes):>8} {gib(extra):>6}"
         )
-    text_tokens = 20
-    jobs = kv_tokens // (per_image + text_tokens + args.output_tokens)
+    limits = derive_limits(settings, kv_tokens)
+    pool = pool_capacity(kv_tokens, block_size=16, max_num_seqs=limits.max_num_seqs,
+                         text_tokens_per_seq=limits.text_reserve)  # fmt: skip
     print(f"\nKV cache: {kv_tokens:,} tokens ({kv_per_token:,} bytes per token)")
+    for line in pool.lines:
+        print(line)
     print(
-        f"jobs of {per_image} vision + ~{text_tokens} text + {args.output_tokens} output tokens that fit it at once: "
-        f"{jobs}; suggested budget capacity: {jobs * per_image:,} vision tokens (VLMFLOW_BUDGET__CAPACITY)"
+        f"the worker's pool on this GPU: {pool.capacity:,} vision tokens, {pool.capacity // per_image:,} images of"
+        f" {per_image} tokens at once (taken from the engine at start; `vlmflow budget status` shows it)"
     )
 
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from schemas.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from workers.engines.vllm_engine import VllmEngine
 
 # NOTE: set before vLLM or huggingface_hub is imported (the hub reads its flags at import): no network, ever.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,3 +30,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.tiny_model import write_tiny_qwen2_vl
 
     return write_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def engine_settings(tiny_model_dir: Path) -> Settings:
+    """The worker's default engine settings (CPU, 256 MiB of KV cache, max_pixels 1,003,520) on the tiny model."""
+    base = load_settings()
+    return base.model_copy(update={"model": base.model.model_copy(update={"path": tiny_model_dir})})
+
+
+@pytest.fixture(scope="session")
+async def engine(engine_settings: Settings) -> AsyncIterator[VllmEngine]:
+    """One engine for the session, built as the worker builds it: starting vLLM takes about half a minute on
+    2 cores."""
+    pytest.importorskip("vllm", reason="needs the engine env (scripts/engine-env.sh)")
+    from workers.engines.factory import build_engine
+    from workers.engines.vllm_engine import VllmEngine
+
+    built = build_engine(engine_settings, "vllm")
+    assert isinstance(built, VllmEngine)
+    await built.start()
+    yield built
+    await built.close()

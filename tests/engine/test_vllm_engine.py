@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import io
 from pathlib import Path
 
 import pytest
@@ -15,12 +15,15 @@ import jsonschema  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from schemas.settings import Settings  # noqa: E402
 from workers.engines.base import EngineRequest  # noqa: E402
 from workers.engines.vllm_engine import VllmEngine  # noqa: E402
+from workers.images import prepare_image  # noqa: E402
 from workers.tokens import image_tokens  # noqa: E402
 
+# The engine of tests/engine/conftest.py: the settings' defaults, min_pixels the family's, max_pixels below the
+# shipped 12,845,056 so that large test images are scaled down (and profiling stays small on CPU).
 MIN_PIXELS = 3_136
-# Below the shipped 12,845,056 so that large test images are scaled down (and profiling stays small on CPU).
 MAX_PIXELS = 1_003_520
 
 # An answer or, as every task schema allows, a refusal.
@@ -53,22 +56,6 @@ SCHEMA = {
         },
     ]
 }
-
-
-@pytest.fixture(scope="module")
-async def engine(tiny_model_dir: Path) -> AsyncIterator[VllmEngine]:
-    """One engine for the module: starting vLLM takes about half a minute on 2 cores."""
-    engine = VllmEngine(
-        str(tiny_model_dir),
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        max_model_len=4096,
-        kv_cache_memory_bytes=256 * 2**20,
-        load_format="dummy",
-    )
-    await engine.start()
-    yield engine
-    await engine.close()
 
 
 def image_request(width: int, height: int) -> EngineRequest:
@@ -108,3 +95,24 @@ async def test_concurrent_images_get_the_estimators_token_counts(
     assert [output.num_image_tokens for output in outputs] == expected
     for output in outputs:
         jsonschema.validate(output.parsed_json, SCHEMA)
+
+
+async def test_a_thin_image_prepared_to_its_final_size_is_not_resized_again(
+    engine: VllmEngine, engine_settings: Settings
+) -> None:
+    """41x5615 becomes 28x5628 (ratio 201): resized again, the processor would refuse it as over ratio 200.
+    With `images_at_final_size` the engine skips its resize and counts exactly the estimator's tokens."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (41, 5615), "white").save(buffer, format="PNG")
+    prepared = prepare_image(buffer.getvalue(), uri="inline", settings=engine_settings)
+    assert prepared.image.size == (28, 5628) and prepared.size == (41, 5615)
+    request = EngineRequest(
+        prompt="What is in the image? Answer with JSON.",
+        images=[prepared.image],
+        json_schema=SCHEMA,
+        max_tokens=64,
+        images_at_final_size=True,
+    )
+    output = await engine.generate(request)
+    assert output.num_image_tokens == image_tokens(41, 5615, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) == 201
+    jsonschema.validate(output.parsed_json, SCHEMA)

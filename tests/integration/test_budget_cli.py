@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from schemas.settings import Settings
 from tests.integration.test_budget import client, settled, unique_pool
-from workers.budget import TokenBudget
+from workers.budget import Lease, TokenBudget
 
 ENGINE_METRICS = """\
 # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
@@ -64,36 +66,57 @@ def vlmflow(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedP
     )
 
 
-async def test_set_status_and_a_plan_corrected_from_engine_metrics(
+@asynccontextmanager
+async def held(budget: TokenBudget, cost: int) -> AsyncIterator[Lease]:
+    """A lease kept alive (renewed every second) while the command-line subprocesses run, however slowly."""
+    lease = await budget.try_reserve(cost, "busy")
+    assert lease is not None
+
+    async def renew() -> None:
+        nonlocal lease
+        while True:
+            await asyncio.sleep(1.0)
+            lease = await budget.renew(lease)
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield lease
+    finally:
+        renewing.cancel()
+        with suppress(asyncio.CancelledError):
+            await renewing
+        await budget.release(lease)
+
+
+async def test_set_status_of_every_pool_and_a_plan_corrected_from_engine_metrics(
     stack_settings: Settings, engines: str, tmp_path: Path
 ) -> None:
-    pool, url = unique_pool(), stack_settings.redis.url
-    env = {
-        **os.environ,
-        "VLMFLOW_REDIS__URL": url,
-        "VLMFLOW_BUDGET__POOL": pool,
-        "VLMFLOW_BUDGET__CAPACITY": "1000",
-        "VLMFLOW_BUDGET__LEASE_TTL_S": "5",
-    }
-    done = vlmflow(env, tmp_path, "budget", "set", "800")
+    pool, other, url = unique_pool(), unique_pool(), stack_settings.redis.url
+    env = {**os.environ, "VLMFLOW_REDIS__URL": url, "VLMFLOW_BUDGET__POOL": pool, "VLMFLOW_BUDGET__LEASE_TTL_S": "5"}
+
+    def cli(*args: str) -> Awaitable[subprocess.CompletedProcess[str]]:
+        return asyncio.to_thread(vlmflow, env, tmp_path, *args)
+
+    done = await cli("budget", "set", "800")
     assert done.returncode == 0, done.stderr
-    assert "capacity    800 vision tokens" in done.stdout
+    assert f"pool {pool}: capacity 800 vision tokens" in done.stdout
+    assert (await cli("budget", "set", "300", "--pool", other)).returncode == 0
 
     redis = client(url)
     await settled(redis, 5)
-    budget = TokenBudget(redis, pool, capacity=1000, lease_ttl_s=5)
-    lease = await budget.try_reserve(400, "busy")
-    assert lease is not None
-    status = vlmflow(env, tmp_path, "budget", "status")
-    assert "in use      400 (50%) in 1 leases" in status.stdout, status.stdout + status.stderr
+    budget = TokenBudget(redis, pool, capacity=800, lease_ttl_s=5)
+    async with held(budget, 400):
+        status = await cli("budget", "status")
+        rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()[1:]}
+        assert rows[pool][:3] == ["800", "400", "50%"], status.stdout + status.stderr
+        assert rows[other][:3] == ["300", "0", "0%"], status.stdout
 
-    metrics = [f"--metrics={engines}/engine-0/metrics", f"--metrics={engines}/engine-1/metrics"]
-    plan = vlmflow(env, tmp_path, "budget", "plan", *metrics, "--samples=2", "--interval=0.1", "--apply")
-    assert plan.returncode == 0, plan.stderr
+        metrics = [f"--metrics={engines}/engine-0/metrics", f"--metrics={engines}/engine-1/metrics"]
+        plan = await cli("budget", "plan", *metrics, "--samples=2", "--interval=0.1", "--apply")
+        assert plan.returncode == 0, plan.stderr
     # 400 tokens leased at a mean KV usage of 40%: 0.9 x 400 / 0.4 = 900
     assert "capacity            900" in plan.stdout and f"applied to pool '{pool}'" in plan.stdout
     assert (await budget.state()).capacity == 900
-    await budget.release(lease)
     await redis.aclose()
 
     wrong = vlmflow(env, tmp_path, "budget", "plan", f"--metrics={engines}/other/metrics", "--samples=1")

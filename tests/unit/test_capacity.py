@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import pytest
 
+from schemas.settings import load_settings
 from workers.capacity import (
     GIB,
+    UNBOUNDED_CAPACITY,
     GpuPlanInputs,
     KvShape,
     PlanError,
     UsageSample,
     corrected_capacity,
+    engine_pool_capacity,
     kv_cache_usage,
     kv_shape_from_config,
     plan_budget,
+    pool_capacity,
+    pool_name,
 )
+from workers.engines.base import KvCache
 
 QWEN2_VL_7B = {  # the fields of Qwen/Qwen2-VL-7B-Instruct's config.json that matter here
     "hidden_size": 3584,
@@ -96,16 +102,33 @@ def test_plan_derivation() -> None:
     # 10 GiB x 0.5 - 1 - 1 = 3 GiB of KV cache; 3 GiB / 512 B = 6,291,456 tokens
     assert plan.kv_tokens_per_gpu == 3 * GIB // 512 == 6_291_456
     assert plan.text_reserve_tokens == 4 * (100 + 16)
-    assert plan.capacity_per_gpu == 6_291_456 - 464
+    assert plan.headroom_tokens == 125_830  # 2 % of the cache, rounded up
+    assert plan.capacity_per_gpu == 6_291_456 - 464 - 125_830
     assert plan.capacity == 2 * plan.capacity_per_gpu
-    assert any("6,291,456 - 464 = 6,290,992 per GPU x 2 = 12,581,984" in line for line in plan.lines)
+    assert any("6,291,456 - 464 - 125,830 = 6,165,162" in line for line in plan.lines)
+    assert any("6,165,162 per GPU x 2 = 12,330,324" in line for line in plan.lines)
+
+
+def test_a_plan_from_the_kv_cache_bytes_is_the_pool_the_worker_computes_from_the_same_cache() -> None:
+    """`budget plan` and the worker at start share `pool_capacity`: from equal KV tokens, equal capacities."""
+    shape = KvShape(layers=2, kv_heads=1, head_dim=64, dtype="bfloat16")
+    plan = plan_budget(shape, GpuPlanInputs(kv_cache_bytes=256 * 2**20, max_num_seqs=121, text_tokens_per_seq=2_164))
+    assert plan.kv_tokens_per_gpu == 524_288
+    worker = pool_capacity(524_288, block_size=16, max_num_seqs=121, text_tokens_per_seq=2_164)
+    assert worker.capacity == plan.capacity_per_gpu == 524_288 - 121 * (2_164 + 16) - 10_486
+
+
+def test_a_plan_needs_memory_or_kv_bytes() -> None:
+    with pytest.raises(PlanError, match="needs the GPU's memory or the KV cache bytes"):
+        plan_budget(KvShape(layers=2, kv_heads=1, head_dim=64, dtype="float16"), GpuPlanInputs(max_num_seqs=1,
+                    text_tokens_per_seq=1))  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"weights_gib": 4.5}, "nothing left for the KV cache"),
-        ({"text_tokens_per_seq": 2_000_000}, "fills the KV cache"),
+        ({"text_tokens_per_seq": 2_000_000}, "fill the KV cache"),
     ],
 )
 def test_plans_that_leave_no_room(overrides: dict[str, object], message: str) -> None:
@@ -128,3 +151,31 @@ def test_correction_fills_the_target_at_the_costliest_observed_ratio() -> None:
 def test_correction_needs_a_working_pool() -> None:
     with pytest.raises(PlanError, match="while the pool works"):
         corrected_capacity([UsageSample(in_use=0, kv_usage=0.3), UsageSample(in_use=10, kv_usage=0.0)], 0.9)
+
+
+def test_a_worker_sizes_its_pool_from_its_engines_kv_cache() -> None:
+    kv = KvCache(tokens=990_000, block_size=16, max_num_seqs=228)
+    pool = engine_pool_capacity(kv, None, 2_164)
+    assert pool.capacity == 990_000 - 228 * (2_164 + 16) - 19_800 == 473_160
+    assert pool.lines[0].startswith("KV cache            990,000 tokens in blocks of 16")
+    lowered = engine_pool_capacity(kv, 100_000, 2_164)
+    assert lowered.capacity == 100_000 and "configured" in lowered.lines[-1]
+    above = engine_pool_capacity(kv, 10**12, 2_164)
+    assert above.capacity == 10**12 and "may have to preempt" in above.lines[-1]
+    assert engine_pool_capacity(None, None, 2_164).capacity == UNBOUNDED_CAPACITY
+    assert engine_pool_capacity(None, 4_096, 2_164).capacity == 4_096
+
+
+def test_pools_are_named_per_gpu_unless_named_outright() -> None:
+    base = load_settings()
+    on = base.model_copy(
+        update={
+            "budget": base.budget.model_copy(update={"pool": None, "node": "gpu-node-3"}),
+            "engine": base.engine.model_copy(update={"device_index": 2}),
+        }
+    )
+    assert pool_name(on) == "gpu-node-3:gpu2"
+    assert (
+        pool_name(on.model_copy(update={"budget": on.budget.model_copy(update={"node": None})}), host="h") == "h:gpu2"
+    )
+    assert pool_name(on.model_copy(update={"budget": on.budget.model_copy(update={"pool": "shared"})})) == "shared"

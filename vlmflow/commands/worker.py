@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from typing import get_args
 
 from schemas.errors import VlmflowError
 from schemas.settings import EngineKind, Settings
@@ -16,7 +17,7 @@ from workers.engines.factory import build_engine
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("worker", help=f"serve image jobs from {Topic.JOBS_IMAGE} until stopped")
-    parser.add_argument("--engine", choices=["vllm", "instant"], help="engine (default: VLMFLOW_ENGINE__KIND, vllm)")
+    parser.add_argument("--engine", choices=get_args(EngineKind), help="engine (default: VLMFLOW_ENGINE__KIND, vllm)")
     parser.add_argument("--model", help="checkpoint directory (default: VLMFLOW_MODEL__PATH)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port; 0 picks a free one, -1 serves none")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

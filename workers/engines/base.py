@@ -20,6 +20,8 @@ class EngineRequest:
     json_schema: dict[str, Any] | None = None
     # Most tokens to generate.
     max_tokens: int = 512
+    # True: every image is already at its final smart_resize size (workers.images); the engine must not resize.
+    images_at_final_size: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,27 @@ class EngineOutput:
     latency_s: float
 
 
+@dataclass(frozen=True)
+class KvCache:
+    """The KV cache an engine got when it started: what one GPU's budget pool may fill (workers.capacity)."""
+
+    # Tokens it holds: whole blocks x the block size.
+    tokens: int
+    # Tokens per block: a sequence's last block may be partly empty.
+    block_size: int
+    # Sequences the engine runs at once; each keeps its text in the cache besides its images.
+    max_num_seqs: int
+
+
 class Engine(Protocol):
     """A model engine the worker drives. `start` once, `generate` concurrently, `close` once."""
 
     async def start(self) -> None:
         """Load the model; returns when `generate` can be called."""
+        ...
+
+    def kv_cache(self) -> KvCache | None:
+        """After `start`: the KV cache the engine got; None for an engine that keeps none."""
         ...
 
     async def generate(self, request: EngineRequest) -> EngineOutput:

@@ -12,7 +12,7 @@ import math
 import time
 from typing import Any
 
-from workers.engines.base import EngineOutput, EngineRequest
+from workers.engines.base import EngineOutput, EngineRequest, KvCache
 
 JsonSchema = dict[str, Any]
 
@@ -25,6 +25,10 @@ class InstantEngine:
 
     async def start(self) -> None:
         """Nothing to load."""
+
+    def kv_cache(self) -> KvCache | None:
+        """No model, no KV cache: nothing for a budget to protect."""
+        return None
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         """The schema's smallest instance, serialized as the model would emit it."""

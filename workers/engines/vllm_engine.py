@@ -18,7 +18,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from workers.engines.base import EngineOutput, EngineRequest
+from workers.engines.base import EngineOutput, EngineRequest, KvCache
 
 
 class VllmEngine:
@@ -41,6 +41,7 @@ class VllmEngine:
         max_images_per_prompt: int = 1,
         max_model_len: int = 8192,
         max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         gpu_memory_utilization: float = 0.9,
         kv_cache_memory_bytes: int | None = None,
         load_format: str = "auto",
@@ -54,6 +55,7 @@ class VllmEngine:
             seed=seed,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             load_format=load_format,
@@ -80,6 +82,16 @@ class VllmEngine:
         self._image_token_id = getattr(AutoConfig.from_pretrained(model), "image_token_id", None)
         self._llm = AsyncLLM.from_engine_args(self.engine_args)
 
+    def kv_cache(self) -> KvCache | None:
+        """The KV cache vLLM allocated: its blocks (known once the engine core has profiled memory) x block size."""
+        if self._llm is None:
+            raise RuntimeError("VllmEngine.kv_cache() called before start()")
+        config = self._llm.vllm_config
+        blocks = config.cache_config.num_gpu_blocks
+        assert blocks, "vLLM started without a KV cache"
+        block_size = int(config.cache_config.block_size)
+        return KvCache(int(blocks) * block_size, block_size, int(config.scheduler_config.max_num_seqs))
+
     async def generate(self, request: EngineRequest) -> EngineOutput:
         """Run one request; images go in as `multi_modal_data`, the schema as structured-output constraint."""
         if self._llm is None or self._tokenizer is None:
@@ -89,6 +101,10 @@ class VllmEngine:
         prompt = TextPrompt(prompt=self.chat_prompt(request))
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
+            if request.images_at_final_size:
+                # NOTE: per request, and part of vLLM's multimodal hash: no second resample of a prepared image
+                # (smart_resize is not idempotent for very thin images, which would then change size again).
+                prompt["mm_processor_kwargs"] = {"do_resize": False}
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=0.0,
