@@ -14,7 +14,8 @@ ErrorCode = Literal[
     # images
     "image_not_found",  # no object at the s3:// key
     "bucket_forbidden",  # the bucket is not one the worker may read
-    "url_forbidden",  # a plain URL whose host is not allow-listed
+    "url_forbidden",  # a plain URL (or a redirect hop) whose host and port are not allow-listed
+    "invalid_image_uri",  # an image URI that is malformed or ambiguous (dot segments, user info, backslashes)
     "image_fetch_failed",  # the store or URL did not answer
     "image_undecodable",  # bytes that are no image Pillow can read
     "image_truncated",  # an image cut short
@@ -23,6 +24,7 @@ ErrorCode = Literal[
     # admission and serving
     "too_many_tokens",  # the job's vision tokens can never fit the budget
     "budget_timeout",  # waited for budget longer than allowed
+    "lease_lost",  # the job's budget lease was lost while it ran (Redis away past its TTL, or lost with its data)
     "deadline_exceeded",  # the job's deadline passed before it could be served
     "engine_error",  # the engine failed on this job
     "output_invalid",  # the model's output did not validate against the task schema

@@ -48,7 +48,10 @@ class TopicSpec:
 TOPICS: dict[str, TopicSpec] = {
     spec.name: spec
     for spec in (
-        TopicSpec(Topic.JOBS_IMAGE, "job_id", ImageJob, 6, description="image jobs from upstream services"),
+        # NOTE: 12 partitions divide evenly among 1, 2, 3, 4, 6 or 12 workers (one per GPU): 3 each on a 4 x H100
+        # host. Each worker's share of the jobs is its share of the partitions, so an uneven split (6 over 4
+        # workers: 2/2/1/1) leaves GPUs idle while others queue.
+        TopicSpec(Topic.JOBS_IMAGE, "job_id", ImageJob, 12, description="image jobs from upstream services"),
         TopicSpec(Topic.JOBS_RESULT, "job_id", JobResult, 6, description="one result per job_id"),
         TopicSpec(Topic.JOBS_RETRY, "job.job_id", RetryJob, 3, description="jobs waiting for another attempt"),
         TopicSpec(Topic.JOBS_DLQ, "job.job_id", RetryJob, 1, description="jobs whose retries ran out"),

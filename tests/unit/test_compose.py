@@ -36,7 +36,7 @@ COMPOSE = REPO / "compose"
 CODE_PACKAGES = ("workers", "streams", "vlmflow")
 DEPLOY_VARIABLES = {
     "MODEL_DIR": "/srv/models/checkpoint",
-    "BUDGET_CAPACITY": "40960",
+    "GPU_NODE": "gpu-node-7",
     "KAFKA_EXTERNAL_HOST": "kafka.test",
 }
 """What an operator exports before `docker compose up` (docs/deployment.md); the env files give the rest."""
@@ -57,10 +57,10 @@ class Deployment:
 
 
 DEPLOYMENTS = (
-    Deployment("full", "full.env", ("docker-compose.yml",), brokers=3, gpus=2),
-    Deployment("small", "small.env", ("docker-compose.yml",), brokers=1, gpus=2),
+    Deployment("full", "full.env", ("docker-compose.yml",), brokers=3, gpus=4),
+    Deployment("small", "small.env", ("docker-compose.yml",), brokers=1, gpus=4),
     Deployment("single-gpu", "small.env", ("docker-compose.yml", "docker-compose.single-gpu.yml"), brokers=1, gpus=1),
-    Deployment("full+sasl-ssl", "full.env", ("docker-compose.yml", "docker-compose.sasl-ssl.yml"), brokers=3, gpus=2),
+    Deployment("full+sasl-ssl", "full.env", ("docker-compose.yml", "docker-compose.sasl-ssl.yml"), brokers=3, gpus=4),
     Deployment(
         "single-gpu+sasl-ssl",
         "small.env",
@@ -171,7 +171,7 @@ def test_the_validator_rejects_what_the_compose_spec_forbids(tmp_path: Path) -> 
     broken = {
         "shm_size: 16gb": ("shm_sise: 16gb", "additional properties 'shm_sise' not allowed"),
         "      - grafana_admin_password\n": ("      - grafana_password\n", "undefined secret grafana_password"),
-        "${BUDGET_CAPACITY:?": ("${NO_SUCH_VARIABLE:?", "NO_SUCH_VARIABLE"),
+        "${MODEL_DIR:?": ("${NO_SUCH_VARIABLE:?", "NO_SUCH_VARIABLE"),
     }
     for original, (replacement, message) in broken.items():
         assert original in base
@@ -214,6 +214,32 @@ def test_one_inference_worker_per_gpu(deployment: Deployment) -> None:
         assert model["read_only"] and model["type"] == "bind", name
         assert service["environment"]["VLMFLOW_MODEL__PATH"] == model["target"], name
     assert sorted(devices) == [str(n) for n in range(deployment.gpus)]
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d.name)
+def test_each_gpu_has_a_budget_pool_of_its_own_and_an_even_share_of_the_image_partitions(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool a worker names is its node and the GPU it reserves; image partitions divide evenly among them."""
+    from workers.capacity import pool_name
+
+    for key in list(os.environ):
+        if key.upper().startswith("VLMFLOW_"):
+            monkeypatch.delenv(key)
+    pools = {}
+    for name, service in resolved(deployment)["services"].items():
+        if service.get("build", {}).get("target") != "gpu":
+            continue
+        (reservation,) = service["deploy"]["resources"]["reservations"]["devices"]
+        with monkeypatch.context() as patch:
+            for key, value in service["environment"].items():
+                patch.setenv(key, value)
+            settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        assert settings.budget.capacity is None, f"{name}: the capacity comes from the engine at start"
+        assert [str(settings.engine.device_index)] == reservation["device_ids"], name
+        pools[name] = pool_name(settings)
+    assert sorted(pools.values()) == [f"gpu-node-7:gpu{n}" for n in range(deployment.gpus)]
+    assert TOPICS[Topic.JOBS_IMAGE].partitions % len(pools) == 0
 
 
 # -- configuration by environment and secret files ---------------------------------------------------------------
@@ -439,10 +465,12 @@ def promql_metric_names(expr: str) -> set[str]:
 
 def exported_series() -> set[str]:
     """Every series name the worker's registry (`workers.metrics`) exposes."""
+    from streams.flywheel.metrics import StreamsMetrics
     from workers.metrics import WorkerMetrics
 
     names = set()
-    for family in WorkerMetrics(pool="dashboard-check").registry.collect():
+    registries = (WorkerMetrics(pool="dashboard-check").registry, StreamsMetrics().registry)
+    for family in (family for registry in registries for family in registry.collect()):
         names |= {family.name + suffix for suffix in SERIES_SUFFIXES[family.type]}
     return names
 
@@ -499,7 +527,9 @@ def test_metrics_are_defined_in_one_module() -> None:
         for path in (REPO / package).rglob("*.py")
         if defines_metrics(path)
     }
-    assert definers == {"workers/metrics.py"}, f"add their registries to exported_series(): {definers}"
+    assert definers == {"workers/metrics.py", "streams/flywheel/metrics.py"}, (
+        f"add their registries to exported_series(): {definers}"
+    )
 
 
 def test_dashboards_and_alerts_name_only_exported_metrics() -> None:
@@ -539,6 +569,34 @@ def test_prometheus_scrapes_every_inference_worker() -> None:
             if service["build"]["target"] == "gpu":
                 assert discovery["names"][0] in service["networks"]["default"]["aliases"], name
                 assert int(service["environment"]["VLMFLOW_WORKER__METRICS_PORT"]) == discovery["port"], name
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d.name)
+def test_prometheus_scrapes_every_streams_member_on_its_metrics_port(deployment: Deployment) -> None:
+    """The `streams` service name resolves to all its replicas; each must serve on the port the job scrapes."""
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "vlmflow-streams"]
+    (discovery,) = job["dns_sd_configs"]
+    services = resolved(deployment)["services"]
+    streams = services[discovery["names"][0]]
+    assert streams["command"] == ["streams"]
+    assert int(streams["environment"]["VLMFLOW_STREAMS__METRICS_PORT"]) == discovery["port"]
+    assert set(streams["networks"]) & set(services["prometheus"]["networks"])
+
+
+def test_the_dashboard_and_alerts_cover_the_flywheel() -> None:
+    from streams.flywheel import metrics
+
+    queries = dashboard_queries()
+    read = set().union(
+        *(promql_metric_names(expr) for title, expr in queries.items() if title.startswith("vlmflow.json"))
+    )
+    for name in (metrics.RECORDS_IN, metrics.RECORDS_OUT, metrics.REJECTIONS, metrics.HARD_CASES, metrics.REDIS_RETRIES,
+                 metrics.QUEUE_PENDING, metrics.QUEUE_OLDEST_AGE, metrics.CONSUMER_LAG):  # fmt: skip
+        assert name in read, name
+    alerts = {title: expr for title, expr in queries.items() if title.startswith("prometheus-alerts.yml")}
+    assert any(metrics.CONSUMER_LAG in expr and "deriv(" in expr for expr in alerts.values()), "lag growing"
+    assert any(metrics.REJECTIONS in expr and metrics.RECORDS_IN in expr for expr in alerts.values()), "rejection rate"
 
 
 # -- the Dockerfile ---------------------------------------------------------------------------------------------
