@@ -6,11 +6,9 @@ Each worker has its own registry (several workers can share a process in tests);
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from schemas.metrics_http import MetricsServer, serve_metrics
 
 BUDGET_CAPACITY = "vlmflow_budget_capacity_tokens"
 """Gauge {pool}: vision tokens the pool may hold in flight."""
@@ -49,17 +47,6 @@ _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-@dataclass(frozen=True)
-class MetricsServer:
-    port: int
-    server: WSGIServer
-    thread: Thread
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class WorkerMetrics:
     """The metric objects of one worker, on a registry of its own."""
 
@@ -92,5 +79,4 @@ class WorkerMetrics:
 
     def serve(self, port: int) -> MetricsServer:
         """Expose `/metrics` over HTTP on 0.0.0.0:`port` (0: a free port, reported in the result)."""
-        server, thread = start_http_server(port, registry=self.registry)
-        return MetricsServer(server.server_address[1], server, thread)
+        return serve_metrics(self.registry, port)

@@ -46,6 +46,7 @@ from schemas.codec import decode
 from schemas.connections import REDIS_SOCKET_TIMEOUT_S, aiokafka_options, object_store, redis_options
 from schemas.errors import ErrorCode, InvalidMessage
 from schemas.jobs import ImageJob, JobError, JobResult, RetryJob
+from schemas.metrics_http import MetricsServer
 from schemas.settings import Settings
 from schemas.tasks import MODEL_BOX_FIELD, BoxField, InvalidTaskSchema, task_schema
 from schemas.topics import TOPICS, Topic
@@ -55,7 +56,7 @@ from workers.engines.base import Engine, EngineOutput, EngineRequest
 from workers.idempotency import ClaimHold, IdempotencyRecords
 from workers.images import ImageError, LoadedImage, load_images
 from workers.limits import TooManyTokens, check_job, derive_limits, max_in_flight
-from workers.metrics import MetricsServer, WorkerMetrics
+from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker, Ticket
 from workers.prompts import MissingPrompt, task_prompt
 from workers.publisher import Producer, PublishOutcome, ResultPublisher

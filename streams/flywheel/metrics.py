@@ -6,11 +6,9 @@ Each worker has its own registry; `serve` exposes it on `settings.streams.metric
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from schemas.metrics_http import MetricsServer, serve_metrics
 
 RECORDS_IN = "vlmflow_streams_records_in_total"
 """Counter {agent}: records an agent took from its topic (redeliveries included)."""
@@ -44,17 +42,6 @@ ERRORS = "vlmflow_streams_errors_total"
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-@dataclass(frozen=True)
-class MetricsEndpoint:
-    port: int
-    server: WSGIServer
-    thread: Thread
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class StreamsMetrics:
     """The metric objects of one flywheel worker, on a registry of its own."""
 
@@ -75,7 +62,6 @@ class StreamsMetrics:
         self.batch_seconds = Histogram(BATCH_SECONDS, "one raw batch", buckets=_SECONDS_BUCKETS, registry=r)
         self.errors = Counter(ERRORS, "defects survived", ["where"], registry=r)
 
-    def serve(self, port: int) -> MetricsEndpoint:
+    def serve(self, port: int) -> MetricsServer:
         """Expose `/metrics` over HTTP on 0.0.0.0:`port` (0: a free port, reported in the result)."""
-        server, thread = start_http_server(port, registry=self.registry)
-        return MetricsEndpoint(server.server_address[1], server, thread)
+        return serve_metrics(self.registry, port)
