@@ -7,6 +7,7 @@ noticed at the same point by a worker, an agent and an ops command.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis
@@ -19,6 +20,21 @@ from schemas.settings import KafkaSettings, Settings
 REDIS_SOCKET_TIMEOUT_S = 10.0
 """A command that has not answered within this is a dead connection (the slowest script is well below it)."""
 REDIS_CONNECT_TIMEOUT_S = 5.0
+CANCEL_AGAIN_S = 0.1
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` until it has ended, and wait for it; what it raised is not raised here.
+
+    NOTE: one `cancel()` is not enough for a task that talks to Redis: redis-py lets a command in flight finish
+    and may drop a cancellation that came meanwhile (redis/redis-py#2666), so a loop ended only by cancelling it
+    could go on for ever, and whoever awaited it with it.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN_S)
+    if not task.cancelled():
+        task.exception()  # retrieved: the owner logged or raised it already
 
 
 def aiokafka_options(kafka: KafkaSettings) -> dict[str, Any]:

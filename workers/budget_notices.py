@@ -17,6 +17,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
+LISTEN_POLL_S = 1.0
+"""How often the listener looks up from its subscription to see whether it was stopped."""
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -87,8 +89,10 @@ class GrantNotices:
         pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)
-            while True:
-                message = await pubsub.get_message(timeout=None)
+            # NOTE: checked, not only cancelled: redis-py may drop a cancellation while a read is in flight
+            # (redis/redis-py#2666), and this listener must not read for ever after its last reservation.
+            while self._listener is asyncio.current_task():
+                message = await pubsub.get_message(timeout=LISTEN_POLL_S)
                 if message is None:
                     continue
                 if message["type"] == "subscribe":

@@ -43,7 +43,13 @@ from redis.exceptions import RedisError
 
 from schemas.base import utc_now
 from schemas.codec import decode
-from schemas.connections import REDIS_SOCKET_TIMEOUT_S, aiokafka_options, object_store, redis_options
+from schemas.connections import (
+    REDIS_SOCKET_TIMEOUT_S,
+    aiokafka_options,
+    cancel_and_wait,
+    object_store,
+    redis_options,
+)
 from schemas.errors import ErrorCode, InvalidMessage
 from schemas.jobs import ImageJob, JobError, JobResult, RetryJob
 from schemas.metrics_http import MetricsServer
@@ -192,8 +198,7 @@ class Worker:
             finally:
                 await self._drain()
                 for task in background:
-                    task.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
+                    await cancel_and_wait(task)
                 await self.commit()
         if self._fatal is not None:
             raise self._fatal

@@ -47,6 +47,7 @@ from redis.asyncio import Redis
 
 from schemas.cases import Correction, HardCase
 from schemas.codec import encode, key_of
+from schemas.connections import cancel_and_wait
 from schemas.jobs import TASKS, Task
 from schemas.settings import Settings
 from schemas.topics import Topic
@@ -212,7 +213,7 @@ async def bridge_lease(redis: Redis, queue_name: str, *, ttl_s: float = LEASE_TT
     try:
         yield
     finally:
-        keeper.cancel()
+        await cancel_and_wait(keeper)
         await release(keys=[key], args=[token])
 
 

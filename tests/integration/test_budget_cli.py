@@ -8,12 +8,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from schemas.connections import cancel_and_wait
 from schemas.settings import Settings
 from tests.integration.test_budget import client, settled, unique_pool
 from workers.budget import Lease, TokenBudget
@@ -82,9 +83,7 @@ async def held(budget: TokenBudget, cost: int) -> AsyncIterator[Lease]:
     try:
         yield lease
     finally:
-        renewing.cancel()
-        with suppress(asyncio.CancelledError):
-            await renewing
+        await cancel_and_wait(renewing)
         await budget.release(lease)
 
 

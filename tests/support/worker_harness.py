@@ -19,7 +19,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import RecordMetadata
 
 from schemas.codec import decode
-from schemas.connections import aiokafka_options, redis_client
+from schemas.connections import aiokafka_options, cancel_and_wait, redis_client
 from schemas.jobs import JobResult
 from schemas.settings import Settings
 from schemas.tasks import MODEL_BOX_FIELD, validate_answer
@@ -170,8 +170,7 @@ class ResultReader:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         await self._consumer.stop()
 
     async def _read(self) -> None:
@@ -265,8 +264,7 @@ class BudgetSampler:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         await self._redis.aclose()
 
     async def _sample(self) -> None:
