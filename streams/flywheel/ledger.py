@@ -20,37 +20,60 @@ A batch, in the stage's order:
     5. `finish`: done := the batch's last offset, pending cleared
 
 A member killed between 3 and 5 leaves `pending`; the next owner writes only what did not reach the broker. A
-compare-and-set that fails means another member wrote the entry since step 1 (the partition moved): the batch is
-dropped unwritten, that member handles its records. Failure policy: Redis errors are retried by the caller; a
-scan whose partitions stop answering raises `ScanStalled` and the batch is taken again.
+compare-and-set that fails means another member wrote the entry since step 1 (the partition moved meanwhile):
+nothing of that partition is written, and the caller takes its records again from step 1.
+
+The writer lease: step 3 also takes a lease on the partition (a Redis key with a TTL, renewed by `WriterLease`
+while the batch is written; step 5 gives it back). A member that finds an unfinished batch whose writer still
+holds its lease waits for it (`busy`) instead of scanning: the group can hand a partition to another member while
+its old owner is still writing (a member that the coordinator dropped while it finished its batch), and a scan
+made then would miss what is still on its way. A dead member's lease lapses after one TTL (the session timeout).
+
+Failure policy: Redis errors are retried by the caller; a scan whose partitions stop answering raises
+`ScanStalled`, and a writer whose lease lapsed raises `WriterLost`; either way the batch is taken again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from schemas.connections import cancel_and_wait
 from schemas.errors import VlmflowError
 from streams.flywheel.outputs import SOURCE_HEADER, Source
 
+log = logging.getLogger(__name__)
+
 SCAN_POLL_MS = 200
 
-# KEYS[1]: the ledger hash. ARGV: field, expected version, new entry JSON, ... (3 per entry).
-# Returns one 1 (written) or 0 (the stored version was not the expected one) per entry. 1 + 2 commands per entry.
+# KEYS[1]: the ledger hash, KEYS[1 + n]: the writer lease of the n-th entry. ARGV[1]: this member, ARGV[2]: the
+# writer lease's TTL in ms (0: give the lease back), then field, expected version, new entry JSON (3 per entry).
+# Returns one 1 (written) or 0 (the stored version was not the expected one) per entry.
 _COMPARE_AND_SET = """
+local owner, ttl = ARGV[1], tonumber(ARGV[2])
 local out = {}
-for i = 1, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
+  local writer = KEYS[1 + #out + 1]
   local current = redis.call('HGET', KEYS[1], ARGV[i])
   local version = 0
   if current then version = cjson.decode(current).version end
   if version == tonumber(ARGV[i + 1]) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    if ttl > 0 then
+      redis.call('SET', writer, owner, 'PX', ttl)
+    elseif redis.call('GET', writer) == owner then
+      redis.call('DEL', writer)
+    end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -59,9 +82,27 @@ end
 return out
 """
 
+# KEYS: writer leases. ARGV[1]: this member, ARGV[2]: TTL in ms (0: give them back). One 1 (held) or 0 per key.
+_RENEW_WRITERS = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[i], ARGV[2]) else redis.call('DEL', KEYS[i]) end
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
 
 class ScanStalled(VlmflowError):
     """An output partition stopped answering while the stage looked for what an unfinished batch wrote."""
+
+
+class WriterLost(VlmflowError):
+    """This member's writer lease on an input partition lapsed or was taken over while it wrote a batch."""
 
 
 @dataclass(frozen=True)
@@ -125,34 +166,65 @@ def output_partition_text(tp: TopicPartition) -> str:
 
 
 class Ledger:
-    """The ledger entries of one consumer group's input partitions, in one Redis hash (one hash tag)."""
+    """The ledger entries of one consumer group's input partitions, in one Redis hash, and their writer leases
+    (one hash tag)."""
 
     def __init__(self, redis: Redis, *, app_id: str, owner: str):
         self.redis = redis
         self.key = f"vlmflow:{{streams:{app_id}}}:ledger"
         self.owner = owner
         self._compare_and_set = redis.register_script(_COMPARE_AND_SET)
+        self._renew_writers = redis.register_script(_RENEW_WRITERS)
 
     @staticmethod
     def field_of(tp: TopicPartition) -> str:
         return f"{tp.topic}:{tp.partition}"
 
+    def writer_key(self, tp: TopicPartition) -> str:
+        return f"{self.key}:writer:{self.field_of(tp)}"
+
     async def read(self, tps: list[TopicPartition]) -> dict[TopicPartition, LedgerEntry]:
         stored = await self.redis.hmget(self.key, [self.field_of(tp) for tp in tps])
         return {tp: LedgerEntry.from_json(raw) if raw else LedgerEntry() for tp, raw in zip(tps, stored, strict=True)}
 
-    async def write(self, updates: Mapping[TopicPartition, tuple[LedgerEntry, LedgerEntry]]) -> set[TopicPartition]:
+    async def busy(self, entries: Mapping[TopicPartition, LedgerEntry]) -> dict[TopicPartition, str]:
+        """The partitions among `entries` with an unfinished batch whose writer, another member, still holds its
+        lease (-> that member): their outputs may still be on their way, so they cannot be looked up yet."""
+        unfinished = [tp for tp, entry in entries.items() if entry.unfinished() is not None]
+        if not unfinished:
+            return {}
+        writers = await self.redis.mget([self.writer_key(tp) for tp in unfinished])
+        return {
+            tp: writer.decode() if isinstance(writer, bytes) else str(writer)
+            for tp, writer in zip(unfinished, writers, strict=True)
+            if writer is not None and writer not in (self.owner, self.owner.encode())
+        }
+
+    async def write(
+        self, updates: Mapping[TopicPartition, tuple[LedgerEntry, LedgerEntry]], *, writer_ttl_s: float = 0.0
+    ) -> set[TopicPartition]:
         """Replace each `(expected, new)` entry where the stored version is still `expected.version`; the
-        partitions written (the others moved to another member)."""
+        partitions written (the others moved to another member). With `writer_ttl_s` (a begin) this member takes
+        the writer lease of each partition written; without (a finish) it gives back those it holds."""
         if not updates:
             return set()
         order = list(updates)
-        args: list[str | int] = []
+        args: list[str | int] = [self.owner, round(writer_ttl_s * 1000)]
         for tp in order:
             expected, new = updates[tp]
             args += [self.field_of(tp), expected.version, new.to_json()]
-        replies = await self._compare_and_set(keys=[self.key], args=args)
+        keys = [self.key, *(self.writer_key(tp) for tp in order)]
+        replies = await self._compare_and_set(keys=keys, args=args)
         return {tp for tp, reply in zip(order, replies, strict=True) if int(reply) == 1}
+
+    async def renew_writers(self, tps: list[TopicPartition], ttl_s: float) -> set[TopicPartition]:
+        """Extend this member's writer leases on `tps` by `ttl_s` (0: give them back); those it still held."""
+        if not tps:
+            return set()
+        replies = await self._renew_writers(
+            keys=[self.writer_key(tp) for tp in tps], args=[self.owner, round(ttl_s * 1000)]
+        )
+        return {tp for tp, reply in zip(tps, replies, strict=True) if int(reply) == 1}
 
     def begun(self, entry: LedgerEntry, offsets: tuple[int, int], ends: Mapping[str, int]) -> LedgerEntry:
         """Step 3: the entry while the batch `offsets` is being written (`ends`: known ends of the outputs)."""
@@ -163,6 +235,65 @@ class Ledger:
         assert begun.pending is not None, "finish follows begin"
         done = max(begun.done, begun.pending[1])
         return replace(begun, done=done, pending=None, scan_from={}, version=begun.version + 1)
+
+
+class WriterLease:
+    """This member's writer lease on some input partitions while it writes their batch, for an `async with` block
+    (redis-py's asyncio `Lock` is the model): taken with the begin (`Ledger.write` with `writer_ttl_s`, sent at
+    `taken_at` on the loop's clock), renewed every third of the TTL while the block runs, given back on exit.
+
+    The block calls `check` before each write: it raises `WriterLost` once a renewal found the lease gone, or
+    once the TTL since the last renewal that Redis answered has passed (another member may be scanning now).
+    """
+
+    def __init__(self, ledger: Ledger, tps: set[TopicPartition], ttl_s: float, taken_at: float):
+        self.ledger = ledger
+        self.tps = sorted(tps)
+        self.ttl_s = ttl_s
+        self._held_until = taken_at + ttl_s
+        """A lower bound of when the leases expire in Redis, on the loop's clock."""
+        self._lost: str | None = None
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> WriterLease:
+        if self.tps:
+            self._renewer = asyncio.create_task(self._renew_while_held(), name="writer lease renewal")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._renewer is None:
+            return
+        await cancel_and_wait(self._renewer)
+        try:
+            await self.ledger.renew_writers(self.tps, 0)
+        except RedisError as error:
+            log.warning("writer leases not given back (%s); they lapse after %.0f s", error, self.ttl_s)
+
+    def check(self) -> None:
+        """Raise `WriterLost` if the block may no longer write."""
+        if self._lost is None and asyncio.get_running_loop().time() >= self._held_until:
+            self._lost = f"no renewal answered within {self.ttl_s:.1f} s"
+        if self._lost is not None:
+            where = ", ".join(Ledger.field_of(tp) for tp in self.tps)
+            raise WriterLost(f"the writer lease on {where} was lost: {self._lost}")
+
+    async def _renew_while_held(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._lost is None:
+            await asyncio.sleep(self.ttl_s / 3)
+            sent_at = loop.time()
+            try:
+                async with asyncio.timeout(max(0.0, self._held_until - sent_at)):
+                    held = await self.ledger.renew_writers(self.tps, self.ttl_s)
+            except (RedisError, TimeoutError) as error:
+                log.warning("writer lease renewal failed (%s); retrying while the lease lasts", error)
+                continue
+            if held != set(self.tps):
+                self._lost = "another member holds it (it had lapsed)"
+                return
+            self._held_until = sent_at + self.ttl_s
 
 
 async def find_written(

@@ -10,17 +10,20 @@ Faust worker as a `mode.Service`, in a consumer group of its own (`<app_id>`), a
 
 One batch (`_handle`), in order:
 
-    1. ledger: skip records whose outputs are already written (a redelivery after a crash or a rebalance)
+    1. ledger: skip records whose outputs are already written (a redelivery after a crash or a rebalance); wait
+       while another member still writes an unfinished batch of the same partition
     2. screen every other record (pure), sight the normalized ones in Redis (dedupe, tries), mine hard cases
     3. queue the hard cases (idempotent per case id)
-    4. ledger: begin (the batch's offsets, the outputs' known ends)
+    4. ledger: begin (the batch's offsets, the outputs' known ends) and take the partitions' writer leases
     5. produce every output with its source header, wait for every acknowledgement
-    6. ledger: finish; commit the batch's offsets
+    6. ledger: finish (giving the leases back); commit the batch's offsets
 
 Delivery: each raw record's outputs are written once (`streams.flywheel.ledger`), whatever crashes between the
 steps; Redis effects are idempotent. Failure policy: a defect met while screening a record becomes that record's
-`internal_error` rejection; Redis errors are retried with backoff (the stage pauses); a produce failure takes the
-batch again from step 1, which finds what was written. Only a failure of the stage's own setup stops the worker.
+`internal_error` rejection; Redis errors are retried with backoff (the stage pauses); a produce failure or a lost
+writer lease takes the batch again from step 1, which finds what was written; so does a partition whose ledger
+entry another member wrote meanwhile, while this member still holds the partition. Only a failure of the stage's
+own setup stops the worker.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from mode import Service
 
@@ -46,7 +50,16 @@ from schemas.connections import aiokafka_options, redis_client
 from schemas.settings import Settings
 from schemas.topics import Topic
 from streams.flywheel.dedupe import RETRY_BACKOFF_S, SeenStore, retrying
-from streams.flywheel.ledger import Ledger, LedgerEntry, ScanStalled, find_written, output_partition_text, plan
+from streams.flywheel.ledger import (
+    Ledger,
+    LedgerEntry,
+    ScanStalled,
+    WriterLease,
+    WriterLost,
+    find_written,
+    output_partition_text,
+    plan,
+)
 from streams.flywheel.metrics import StreamsMetrics
 from streams.flywheel.outputs import SOURCE_HEADER, Output, Source, partition_for
 from streams.flywheel.screen import MAX_REQUEST_BYTES
@@ -62,6 +75,8 @@ BATCH_MAX = 500
 POLL_TIMEOUT_MS = 200
 PRODUCER_LINGER_MS = 5
 SCAN_STALL_TIMEOUT_S = 60.0
+BUSY_POLL_S = 0.2
+"""How often step 1 looks again at a partition whose unfinished batch another member is still writing."""
 STOP_TIMEOUT_S = 30.0
 """On stop, how long the batch in progress may take to finish before the stage is cancelled."""
 OUTPUT_TOPICS = (Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED, Topic.CASES_HARD)
@@ -96,6 +111,16 @@ class Batch:
     records: list[RawRecord]
     screening: asyncio.Future[list[Screened]]
     generation: int
+
+    def only(self, tps: set[TopicPartition]) -> Batch:
+        """The records of `tps`, with their screening."""
+        keep = [i for i, record in enumerate(self.records) if TopicPartition(record.topic, record.partition) in tps]
+
+        async def screened() -> list[Screened]:
+            every = await self.screening
+            return [every[i] for i in keep]
+
+        return Batch([self.records[i] for i in keep], asyncio.ensure_future(screened()), self.generation)
 
 
 class RawLogStage(Service):
@@ -142,6 +167,8 @@ class RawLogStage(Service):
             retry_window_s=streams.retry_window_s,
         )
         self.ledger = Ledger(self.redis, app_id=streams.app_id, owner=self.member)
+        self.writer_ttl_s = session_ms / 1000
+        """A writer lease lasts a session timeout: a member the group would find dead has stopped writing too."""
         self.queue = CorrectionQueue(self.redis, streams.review_queue)
         self.screener = Screener(streams, streams.screen_processes)
         await self.producer.start()
@@ -199,27 +226,34 @@ class RawLogStage(Service):
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
 
     async def _handle_until_written(self, batch: Batch) -> None:
-        """`_handle`, taken again after a produce failure (step 1 then finds what was written)."""
+        """`_handle`, taken again after a produce failure or a lost writer lease (step 1 then finds what was
+        written), and for the partitions whose ledger entry another member wrote meanwhile while this member
+        still holds them (their records must not be left behind: the consumer is past them)."""
         if batch.generation != self._generation:
             return
         for attempt in count(1):
             try:
-                await self._handle(batch)
-                return
-            except (KafkaError, ScanStalled) as exc:
+                again = await self._handle(batch) & self.consumer.assignment()
+            except (KafkaError, ScanStalled, WriterLost) as exc:
                 wait = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S)) - 1]
                 log.warning("raw batch failed (try %d, again in %.1f s): %s", attempt, wait, exc)
                 self.metrics.kafka_retries.inc()
                 await asyncio.sleep(wait)
+                continue
+            if not again:
+                return
+            log.info("taking the batch of %s again: its ledger entry changed meanwhile", sorted(map(str, again)))
+            batch = batch.only(again)
 
-    async def _handle(self, batch: Batch) -> None:
+    async def _handle(self, batch: Batch) -> set[TopicPartition]:
+        """One batch; returns the partitions not written because their ledger entry changed meanwhile."""
         started = time.monotonic()
         self.metrics.records_in.labels(AGENT).inc(len(batch.records))
         by_tp: dict[TopicPartition, list[int]] = defaultdict(list)
         for index, record in enumerate(batch.records):
             by_tp[TopicPartition(record.topic, record.partition)].append(index)
         # Step 1: what the ledger says is written already.
-        entries = await self._redis(lambda: self.ledger.read(list(by_tp)), "ledger")
+        entries = await self._read_ledger(list(by_tp))
         keep: list[int] = []
         for tp, indexes in by_tp.items():
             written = await self._written(tp, entries[tp])
@@ -243,23 +277,48 @@ class RawLogStage(Service):
             spans[tp] = (first, record.offset)
         ends = {output_partition_text(tp): offset for tp, offset in self._ends.items()}
         begun = {tp: self.ledger.begun(entries[tp], spans[tp], ends) for tp in spans}
-        owned = await self._redis(lambda: self.ledger.write({tp: (entries[tp], begun[tp]) for tp in spans}), "ledger")
-        if lost := set(spans) - owned:
-            log.warning("dropped the batch of %s: another member took the partition over", sorted(map(str, lost)))
-        # Step 5: produce, wait for every acknowledgement.
-        sent = [
-            (item, record)
-            for item, record in zip(screened, records, strict=True)
-            if TopicPartition(record.topic, record.partition) in owned
-        ]
-        await self._produce([output for item, record in sent for output in _outputs(item, record)])
-        self._count(item for item, _ in sent)
-        # Step 6: finish, commit.
-        finished = {tp: (begun[tp], self.ledger.finished(begun[tp])) for tp in owned}
-        await self._redis(lambda: self.ledger.write(finished), "ledger")
-        last = {tp: batch.records[indexes[-1]].offset + 1 for tp, indexes in by_tp.items() if tp not in lost}
-        await self._commit(last)
+        taken_at = asyncio.get_running_loop().time()
+        owned = await self._redis(
+            lambda: self.ledger.write({tp: (entries[tp], begun[tp]) for tp in spans}, writer_ttl_s=self.writer_ttl_s),
+            "ledger",
+        )
+        async with WriterLease(self.ledger, owned, self.writer_ttl_s, taken_at) as lease:
+            # Step 5: produce, wait for every acknowledgement.
+            sent = [
+                (item, record)
+                for item, record in zip(screened, records, strict=True)
+                if TopicPartition(record.topic, record.partition) in owned
+            ]
+            await self._produce([output for item, record in sent for output in _outputs(item, record)], lease)
+            # Step 6: finish, commit.
+            finished = {tp: (begun[tp], self.ledger.finished(begun[tp])) for tp in owned}
+            written = await self._redis(lambda: self.ledger.write(finished), "ledger")
+        self._count(item for item, record in sent if TopicPartition(record.topic, record.partition) in written)
+        unwritten = set(spans) - written
+        # NOTE: a partition with nothing left to write (every record skipped) is committed as well.
+        await self._commit({tp: batch.records[ixs[-1]].offset + 1 for tp, ixs in by_tp.items() if tp not in unwritten})
         self.metrics.batch_seconds.observe(time.monotonic() - started)
+        return unwritten
+
+    async def _read_ledger(self, tps: list[TopicPartition]) -> dict[TopicPartition, LedgerEntry]:
+        """The ledger entries of `tps`, once no other member is still writing an unfinished batch of them."""
+
+        async def read() -> tuple[dict[TopicPartition, LedgerEntry], dict[TopicPartition, str]]:
+            entries = await self.ledger.read(tps)
+            return entries, await self.ledger.busy(entries)
+
+        waited_since = time.monotonic()
+        logged_at = 0.0
+        while True:
+            entries, busy = await self._redis(read, "ledger")
+            if not busy:
+                return entries
+            now = time.monotonic()
+            if now - logged_at >= self.writer_ttl_s:
+                logged_at = now
+                writers = ", ".join(f"{owner} ({tp.topic}[{tp.partition}])" for tp, owner in sorted(busy.items()))
+                log.info("waiting %.0f s so far for %s to finish writing", now - waited_since, writers)
+            await asyncio.sleep(BUSY_POLL_S)
 
     async def _written(self, tp: TopicPartition, entry: LedgerEntry) -> set[int]:
         """The offsets of an unfinished batch of `tp` whose outputs reached the broker (empty when none is)."""
@@ -291,22 +350,28 @@ class RawLogStage(Service):
     async def _enqueue(self, cases: list[HardCase]) -> None:
         await self.queue.enqueue_many(cases)
 
-    async def _produce(self, outputs: list[Output]) -> None:
-        """Write `outputs` in one batch per output partition and wait for every acknowledgement."""
+    async def _produce(self, outputs: list[Output], lease: WriterLease) -> None:
+        """Write `outputs` in one batch per output partition and wait for every acknowledgement (while the writer
+        lease holds: each send checks it)."""
         by_partition: dict[TopicPartition, list[Output]] = defaultdict(list)
         for output in outputs:
             tp = TopicPartition(output.topic, partition_for(output.key, self._partitions[output.topic]))
             by_partition[tp].append(output)
         pending = []
+
+        async def send(tp: TopicPartition, batch: BatchBuilder) -> None:
+            lease.check()
+            pending.append((tp, batch, await self.producer.send_batch(batch, tp.topic, partition=tp.partition)))
+
         for tp, items in by_partition.items():
             batch = self.producer.create_batch()
             for output in items:
                 headers = [(SOURCE_HEADER, output.source.header())]
                 if batch.append(key=output.key, value=output.value, timestamp=None, headers=headers) is None:
-                    pending.append((tp, batch, await self.producer.send_batch(batch, tp.topic, partition=tp.partition)))
+                    await send(tp, batch)
                     batch = self.producer.create_batch()
                     batch.append(key=output.key, value=output.value, timestamp=None, headers=headers)
-            pending.append((tp, batch, await self.producer.send_batch(batch, tp.topic, partition=tp.partition)))
+            await send(tp, batch)
         for tp, batch, future in pending:
             metadata = await future
             self._ends[tp] = max(self._ends.get(tp, 0), metadata.offset + batch.record_count())

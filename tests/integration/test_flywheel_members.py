@@ -136,7 +136,8 @@ def test_three_members_one_killed_write_each_outcome_once(settings: Settings, tm
     normalized: list[NormalizedLog] = [decode(NORMALIZED, r.value) for r in final[NORMALIZED]]
     rejected: list[RejectedLog] = [decode(REJECTED, r.value) for r in final[REJECTED]]
     positions = Counter(_where(item.lineage) for item in [*normalized, *rejected])
-    assert not [at for at, n in positions.items() if n > 1], "a raw record has two outcomes"
+    twice = sorted(at for at, n in positions.items() if n > 1)
+    assert not twice, f"{len(twice)} raw records have two outcomes, e.g. {twice[:10]}\n{_what_members_did(logs)}"
     assert set(positions) == set(planned) and len(normalized) + len(rejected) == LOG_COUNT
     assert Counter(item.log_id for item in [*normalized, *rejected]) == Counter(
         raw_log_id(log.value) for log in planned.values()
@@ -181,3 +182,13 @@ def _where(lineage: Lineage | None) -> tuple[int, int]:
 
 def _logs(paths: list[Path]) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text()[-2500:]}" for p in paths if p.exists())
+
+
+_NOTABLE = ("WARNING", "ERROR", "raw-log stage holds", "finish writing", "taking the batch", "records written")
+
+
+def _what_members_did(paths: list[Path]) -> str:
+    """The lines of the members' logs that explain a duplicate: rebalances, retries, waits and lookups."""
+    lines = [f"{p.name}: {line}" for p in paths if p.exists() for line in p.read_text().splitlines()
+             if any(mark in line for mark in _NOTABLE)]  # fmt: skip
+    return "\n".join(lines[-200:])
