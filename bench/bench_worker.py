@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,6 +32,7 @@ from schemas.jobs import ImageJob
 from schemas.settings import Settings, load_settings
 from schemas.topics import Topic
 from tests.conftest import free_port_block, start_broker
+from tests.support.worker_harness import from_the_start
 from vlmflow.job_mix import encoded_image
 from vlmflow.kafka_admin import create_topics
 from vlmflow.objectstore import put_image
@@ -87,13 +88,7 @@ async def produce_all(settings: Settings, topic: str, records: list[tuple[bytes,
 
 async def output_rate(settings: Settings, topic: str, expected: int, timeout_s: float) -> float:
     """Records per second on `topic` between the first and the last of `expected` records (broker timestamps)."""
-    consumer = AIOKafkaConsumer(**aiokafka_options(settings.kafka), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+    async with from_the_start(settings, topic) as (consumer, _):
         stamps: list[int] = []
         ends_at = time.monotonic() + timeout_s
         while len(stamps) < expected:
@@ -101,8 +96,6 @@ async def output_rate(settings: Settings, topic: str, expected: int, timeout_s: 
                 raise TimeoutError(f"{topic}: {len(stamps)} of {expected} records within {timeout_s:.0f} s")
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 stamps.extend(record.timestamp for record in records)
-    finally:
-        await consumer.stop()
     return (len(stamps) - 1) / max(1e-3, (max(stamps) - min(stamps)) / 1000)
 
 

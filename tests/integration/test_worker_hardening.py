@@ -9,7 +9,7 @@ import io
 import random
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from PIL import Image
 from redis.asyncio import Redis
 
@@ -18,7 +18,7 @@ from schemas.connections import aiokafka_options, redis_client
 from schemas.jobs import ImageJob, JobResult
 from schemas.settings import Settings
 from schemas.topics import Topic, TopicSpec
-from tests.support.worker_harness import ResultReader, running_worker, submit, worker_settings
+from tests.support.worker_harness import ResultReader, from_the_start, running_worker, submit, worker_settings
 from vlmflow.job_mix import JobMix, PlannedJob, data_uri, encoded_image
 from vlmflow.kafka_admin import create_topics
 from workers.budget import Lease, TokenBudget
@@ -54,21 +54,13 @@ async def results_of(settings: Settings, jobs: list[PlannedJob]) -> dict[str, Jo
 
 async def raw_values(settings: Settings, topic: str) -> list[tuple[bytes, bytes]]:
     """(key, value) of every record of `topic` up to its end."""
-    consumer = AIOKafkaConsumer(**aiokafka_options(settings.kafka), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+    async with from_the_start(settings, topic) as (consumer, tps):
         ends = await consumer.end_offsets(tps)
         records: list[tuple[bytes, bytes]] = []
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             for batch in (await consumer.getmany(timeout_ms=200)).values():
                 records.extend((record.key, record.value) for record in batch)
         return records
-    finally:
-        await consumer.stop()
 
 
 def chained_refs(hops: int) -> dict[str, Any]:

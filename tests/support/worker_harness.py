@@ -124,6 +124,23 @@ async def running_worker(
         await asyncio.wait_for(running, 60)
 
 
+@asynccontextmanager
+async def from_the_start(
+    settings: Settings, topic: str
+) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
+    """A consumer outside any group, assigned every partition of `topic` at its beginning (and the partitions)."""
+    consumer = AIOKafkaConsumer(**aiokafka_options(settings.kafka), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        yield consumer, tps
+    finally:
+        await consumer.stop()
+
+
 async def submit(settings: Settings, jobs: Iterable[PlannedJob]) -> None:
     producer = AIOKafkaProducer(**aiokafka_options(settings.kafka), acks="all", max_request_size=4 * 2**20)
     await producer.start()
@@ -226,13 +243,7 @@ def mismatches(
 
 async def read_topic(settings: Settings, topic: str) -> list[Any]:
     """Every value of `topic` up to its high watermark, decoded with the topic's model."""
-    consumer = AIOKafkaConsumer(**aiokafka_options(settings.kafka), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+    async with from_the_start(settings, topic) as (consumer, tps):
         values: list[Any] = []
         while True:
             for records in (await consumer.getmany(timeout_ms=200)).values():
@@ -241,8 +252,6 @@ async def read_topic(settings: Settings, topic: str) -> list[Any]:
             positions = [await consumer.position(tp) for tp in tps]
             if all(hw is not None and pos >= hw for hw, pos in zip(highwaters, positions, strict=True)):
                 return values
-    finally:
-        await consumer.stop()
 
 
 class BudgetSampler:
