@@ -11,11 +11,12 @@ from aiokafka.structs import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.topics import Topic
 from streams.flywheel.ledger import Ledger, LedgerEntry, WriterLease, WriterLost, plan
 from streams.flywheel.screening import RawRecord, Screened
 from streams.flywheel.stage import Batch
 
-RAW = "vlm.logs.raw"
+RAW = Topic.LOGS_RAW
 
 
 def _ledger() -> Ledger:
