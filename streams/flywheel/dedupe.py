@@ -34,8 +34,9 @@ RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Waits between tries while Redis does not answer; the last one repeats (the stream pauses, nothing is lost)."""
 
 # KEYS: content key, request key (2 per log). ARGV: content TTL s, request TTL s, then each log's lineage.
-# Returns, per log, the lineage of the first log with its content and how many other logs of its request came
-# before it (a redelivery gets its first answers). 4 commands per log.
+# Returns one text, a line per answer: per log, the lineage of the first log with its content, then how many other
+# logs of its request came before it (a redelivery gets its first answers). One text rather than an array of two
+# items per log: the client parses a reply item by item in Python. 4 commands per log.
 _SIGHT = """
 local out = {}
 for i = 1, #ARGV - 2 do
@@ -51,7 +52,7 @@ for i = 1, #ARGV - 2 do
   out[2 * i - 1] = first or where
   out[2 * i] = tonumber(before)
 end
-return out
+return table.concat(out, '\\n')
 """
 
 
@@ -110,10 +111,11 @@ class SeenStore:
         for content, request, where in logs:
             keys += [f"{self.prefix}:content:{content}", f"{self.prefix}:request:{request}"]
             args.append(where)
-        replies = await retrying(lambda: self._sight(keys=keys, args=args), "Redis (dedupe)", on_retry=on_retry)
+        reply = await retrying(lambda: self._sight(keys=keys, args=args), "Redis (dedupe)", on_retry=on_retry)
+        lines = (reply.decode() if isinstance(reply, bytes) else str(reply)).split("\n")
         return [
-            Sighting(first_lineage=first.decode() if isinstance(first, bytes) else str(first), earlier_tries=int(tries))
-            for first, tries in zip(replies[0::2], replies[1::2], strict=True)
+            Sighting(first_lineage=first, earlier_tries=int(tries))
+            for first, tries in zip(lines[0::2], lines[1::2], strict=True)
         ]
 
 

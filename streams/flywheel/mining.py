@@ -42,10 +42,9 @@ def signals(log: NormalizedLog, config: MiningSettings) -> list[Signal]:
         found.append(("negative_feedback", "thumbs down"))
     if log.correction is not None:
         found.append(("correction", "the user gave the right answer"))
-    outside = _boxes_outside(log, config.box_tolerance_px)
+    outside, lowest = _boxes_outside_and_lowest_confidence(log, config.box_tolerance_px)
     if outside:
         found.append(("box_outside_image", f"{outside} box(es) outside the image or inverted"))
-    lowest = min(_confidences(log.output), default=None)
     if lowest is not None and lowest < config.low_confidence:
         found.append(("low_confidence", f"lowest confidence {lowest:g}"))
     if log.attempt > 0:
@@ -97,27 +96,30 @@ def _objects(value: Any) -> Iterator[dict[str, Any]]:
             pending.extend(current)
 
 
-def _boxes_outside(log: NormalizedLog, tolerance: float) -> int:
-    if not log.images or log.images[0].width is None or log.images[0].height is None:
-        return 0
-    width, height = log.images[0].width, log.images[0].height
+def _boxes_outside_and_lowest_confidence(log: NormalizedLog, tolerance: float) -> tuple[int, float | None]:
+    """How many boxes reach past the image (when its size is known) or are inverted, and the lowest confidence in
+    the answer: one walk over its objects for both."""
+    size = log.images[0] if log.images else None
+    width, height = (size.width, size.height) if size is not None else (None, None)
     count = 0
+    lowest: float | None = None
     for item in _objects(log.output):
         box = item.get("bbox_xyxy")
-        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(value) for value in box):
-            continue
-        x1, y1, x2, y2 = box
-        inside = -tolerance <= x1 < x2 <= width + tolerance and -tolerance <= y1 < y2 <= height + tolerance
-        count += not inside
-    return count
-
-
-def _confidences(output: Any) -> Iterator[float]:
-    for item in _objects(output):
+        if (
+            width is not None
+            and height is not None
+            and isinstance(box, list)
+            and len(box) == 4
+            and all(_is_number(value) for value in box)
+        ):
+            x1, y1, x2, y2 = box
+            inside = -tolerance <= x1 < x2 <= width + tolerance and -tolerance <= y1 < y2 <= height + tolerance
+            count += not inside
         for key in CONFIDENCE_KEYS:
             value = item.get(key)
-            if value is not None and _is_number(value):
-                yield float(value)
+            if value is not None and _is_number(value) and (lowest is None or value < lowest):
+                lowest = float(value)
+    return count, lowest
 
 
 def _is_number(value: Any) -> bool:

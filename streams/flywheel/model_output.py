@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -61,6 +60,10 @@ def _no_constants(name: str) -> Any:
     raise OutputError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+"""Reads the JSON value at the start of a text and where it ends (the answer may go on in prose after it)."""
+
+
 def _loads(text: str) -> JsonValue:
     try:
         return _container(loads(text), text)
@@ -97,7 +100,6 @@ def parse_json_text(text: str) -> JsonValue:
     grounded = _grounding(stripped) if "<|box_start|>" in stripped else None
     if grounded is not None:
         return grounded
-    decoder = json.JSONDecoder(parse_constant=_no_constants)
     for start in itertools.islice(_JSON_LINE_START.finditer(text), MAX_JSON_STARTS):
         rest = text[start.end() - 1 :].rstrip()
         try:
@@ -105,7 +107,7 @@ def parse_json_text(text: str) -> JsonValue:
         except OutputError:
             pass
         try:
-            value, _ = decoder.raw_decode(rest)
+            value, _ = _DECODER.raw_decode(rest)
             return _container(value)
         except (OutputError, ValueError, RecursionError):
             continue
@@ -163,29 +165,31 @@ _BOX_FORMS = list(BOX_KEYS.values())
 
 
 def _role(key: str) -> tuple[int, int]:
-    role = _ROLES.get(key)
-    if role is None:
-        if len(_ROLES) >= _ROLES_MAX:
-            _ROLES.clear()
-        name = _vocabulary_key(key)
-        if name in BOX_KEYS:
-            role = (1, list(BOX_KEYS).index(name))
-        elif name in LABEL_KEYS:
-            role = (2, LABEL_KEYS.index(name))
-        else:
-            role = (0, 0)
-        _ROLES[key] = role
+    """`_ROLES[key]`, filled when missing (the walk reads `_ROLES` itself first: most keys are there)."""
+    if len(_ROLES) >= _ROLES_MAX:
+        _ROLES.clear()
+    name = _vocabulary_key(key)
+    if name in BOX_KEYS:
+        role = (1, list(BOX_KEYS).index(name))
+    elif name in LABEL_KEYS:
+        role = (2, LABEL_KEYS.index(name))
+    else:
+        role = (0, 0)
+    _ROLES[key] = role
     return role
 
 
-@dataclass
 class _Walk:
-    """One pass over an answer; collects where boxes or labels could not be read."""
+    """One pass over an answer; collects where boxes or labels could not be read. Written for the common answer
+    (a few objects of a few keys each): types are tested with `type() is`, roles read from `_ROLES` inline."""
 
-    width: int | None
-    height: int | None
-    synonyms: dict[str, str]
-    errors: list[str] = field(default_factory=list)
+    __slots__ = ("errors", "height", "synonyms", "width")
+
+    def __init__(self, width: int | None, height: int | None, synonyms: dict[str, str]):
+        self.width = width
+        self.height = height
+        self.synonyms = synonyms
+        self.errors: list[str] = []
 
     def node(self, value: Any, path: str) -> Any:
         """`value` with its objects normalized; containers without a change are returned as they are (the walk
@@ -194,7 +198,8 @@ class _Walk:
             return self.obj(value, path)
         out = value
         for index, item in enumerate(value):
-            if type(item) is dict or type(item) is list:
+            kind = type(item)
+            if kind is dict or kind is list:
                 new = self.node(item, f"{path}[{index}]")
                 if new is not item:
                     if out is value:
@@ -206,20 +211,29 @@ class _Walk:
         out = value
         box: tuple[int, str] | None = None
         """(rank, key) of the first box key in vocabulary order"""
-        labels: list[tuple[int, str]] = []
+        label: tuple[int, str] | None = None
+        """the first (rank, key) of a label key with a text value"""
+        first_label: tuple[int, str] | None = None
+        """the first (rank, key) of any label key"""
         for key, item in value.items():
-            if type(item) is dict or type(item) is list:
+            kind = type(item)
+            if kind is dict or kind is list:
                 new = self.node(item, _join(path, key))
                 if new is not item:
                     if out is value:
                         out = dict(value)
                     out[key] = new
-            if type(key) is str:
-                role, rank = _role(key)
-                if role == 1 and (box is None or rank < box[0]):
+            if type(key) is not str:
+                continue
+            role, rank = _ROLES.get(key) or _role(key)
+            if role == 1:
+                if box is None or rank < box[0]:
                     box = (rank, key)
-                elif role == 2:
-                    labels.append((rank, key))
+            elif role == 2:
+                if first_label is None or (rank, key) < first_label:
+                    first_label = (rank, key)
+                if kind is str and (label is None or (rank, key) < label):
+                    label = (rank, key)
         if box is None:
             return out
         if out is value:
@@ -232,13 +246,10 @@ class _Walk:
         else:
             del out[box_key]
             out["bbox_xyxy"] = list(xyxy)
-        if labels:
-            labels.sort()
-            label_key = next((key for _, key in labels if type(out[key]) is str), None)
-            if label_key is not None:
-                out["label"] = self.label(out.pop(label_key))
-            else:
-                self.errors.append(f"{_join(path, labels[0][1])}: a label must be text")
+        if label is not None:
+            out["label"] = self.label(out.pop(label[1]))
+        elif first_label is not None:
+            self.errors.append(f"{_join(path, first_label[1])}: a label must be text")
         return out
 
     def label(self, text: str) -> str:

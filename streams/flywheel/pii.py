@@ -26,6 +26,8 @@ from schemas.logs import NormalizedLog
 EMAIL = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]++@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
 """The lookbehind lets a match start only where a run of address characters starts, so a long run without `@`
 is scanned once, not once per character (which made a 600 kB answer take minutes)."""
+_ADDRESS_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
+"""What `EMAIL` matches before the `@`."""
 PHONE = (
     r"(?<![\w@+])(?P<country>\+\d{1,3}[\s.\-]?)?(?:\(\d{1,4}\)[\s.\-]?)?\d{1,4}(?:[\s.\-]\d{2,8}){1,5}"
     r"(?!\w|[.\-]\d|:\d)"
@@ -39,6 +41,10 @@ LONG_NUMBER_MIN = 10**8
 """Whole numbers from this up (9 digits) are ID-like."""
 _NUMBERS = re.compile(f"(?P<phone>{PHONE})|(?P<number>{LONG_NUMBER})")
 """Phone numbers and long digit runs in one pass (a phone number is tried first at each position)."""
+_NUMBER_START = re.compile(r"[+(\d](?:(?<![\w@+].)|(?<=\d)(?<![\d.].))")
+"""Where a match of `_NUMBERS` can start: `+`, `(` or a digit after no word character, `@` or `+` (a phone number),
+or a digit after no digit or `.` (a long number). Written to start with that character, so that `re` finds these
+places by a fast scan for it; `_NUMBERS` starts with lookbehinds, so `re` would try it in full at every position."""
 SIGNED_PARAM = re.compile(
     r"(?i)(?<![\w-])((?:x-(?:amz|goog|oss|cos|ms)-(?:signature|credential|security-token)|signature|sig"
     r"|awsaccesskeyid|googleaccessid|ossaccesskeyid|access_token|token)=)[^&\s\"'<>]+"
@@ -61,12 +67,59 @@ def redact_text(text: str) -> str:
     if _SCAN.search(text) is None:
         return text
     if "@" in text:
-        text = EMAIL.sub("[EMAIL]", text)
+        text = _redact_emails(text)
     if "=" in text:
         text = SIGNED_PARAM.sub(r"\1[SECRET]", text)
     if _NUMBER_CANDIDATE.search(text) is None:
         return text
-    return _NUMBERS.sub(_number, text)
+    return _redact_numbers(text)
+
+
+def _redact_emails(text: str) -> str:
+    """`EMAIL.sub("[EMAIL]", text)`, with `EMAIL` tried only where a match can start: every match holds an `@` and
+    starts where the run of address characters before it starts (`re` would try `EMAIL`, which starts with a
+    lookbehind, at every position). A run that began inside the last match cannot start one, as with `sub`."""
+    parts: list[str] = []
+    done = 0
+    at = text.find("@")
+    while at != -1:
+        start = at
+        while start > done and text[start - 1] in _ADDRESS_CHARS:
+            start -= 1
+        match = None
+        if start < at and (start > done or done == 0 or text[done - 1] not in _ADDRESS_CHARS):
+            match = EMAIL.match(text, start)
+        if match is None:
+            at = text.find("@", at + 1)
+            continue
+        parts += (text[done:start], "[EMAIL]")
+        done = match.end()
+        at = text.find("@", done)
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
+
+
+def _redact_numbers(text: str) -> str:
+    """`_NUMBERS.sub(_number, text)`, with `_NUMBERS` tried only where `_NUMBER_START` says a match can start (the
+    same matches, found as `sub` finds them: leftmost first, the next search from the end of the last match)."""
+    parts: list[str] = []
+    done = 0
+    start = _NUMBER_START.search(text)
+    while start is not None:
+        at = start.start()
+        match = _NUMBERS.match(text, at)
+        if match is None:
+            start = _NUMBER_START.search(text, at + 1)
+            continue
+        parts += (text[done:at], _number(match))
+        done = match.end()
+        start = _NUMBER_START.search(text, done)
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 def _number(match: re.Match[str]) -> str:
@@ -120,16 +173,29 @@ def redact_log(log: NormalizedLog, *, output_from_text: bool = False) -> Normali
     that `output` holds nothing to redact either, and its walk is skipped."""
     text = log.output_text
     joined = "\x00".join((log.prompt, text or "", log.output_error or ""))
-    texts_clean = redact_text(joined) == joined
+    redacted = redact_text(joined)
+    texts_clean = redacted == joined
     output_clean = log.output is None or (output_from_text and texts_clean and text is not None and "\\" not in text)
     if texts_clean and output_clean and log.correction is None:
         return log
+    prompt, text, error = (log.prompt, text, log.output_error) if texts_clean else _texts(log, joined, redacted)
     return log.model_copy(
         update={
-            "prompt": redact_text(log.prompt),
-            "output_text": redact_value(text),
+            "prompt": prompt,
+            "output_text": text,
             "output": log.output if output_clean else redact_value(log.output),
-            "output_error": redact_value(log.output_error),
+            "output_error": error,
             "correction": redact_value(log.correction),
         }
     )
+
+
+def _texts(log: NormalizedLog, joined: str, redacted: str) -> tuple[str, str | None, str | None]:
+    """The prompt, answer text and error redacted, read from `redacted` (`redact_text(joined)`) where it splits
+    back into three texts: no pattern but a URL signature's value matches a NUL, and next to one each behaves as at
+    the start or end of a text. Redacted one by one when a text holds a NUL or a signature ran on across one."""
+    parts = redacted.split("\x00")
+    if len(parts) != 3 or joined.count("\x00") != 2:
+        return redact_text(log.prompt), redact_value(log.output_text), redact_value(log.output_error)
+    prompt, text, error = parts
+    return prompt, text if log.output_text is not None else None, error if log.output_error is not None else None

@@ -97,7 +97,8 @@ class Condition(BaseModel):
     @cached_property
     def predicate(self) -> Callable[[Any], bool]:
         """This condition as one closure, built once: evaluating it makes no attribute or `None` checks and
-        creates no generators (`all`/`any` are chained `and`/`or`)."""
+        creates no generators (`all`/`any` are chained `and`/`or`); a field test reads its field itself, the path
+        split once."""
         if self.all_ is not None:
             return reduce(_both, [condition.predicate for condition in self.all_])
         if self.any_ is not None:
@@ -106,30 +107,27 @@ class Condition(BaseModel):
             inner = self.not_.predicate
             return lambda record: not inner(record)
         assert self.field is not None
-        test, path = self._test(), self.field
-        return lambda record: test(lookup(record, path))
-
-    def _test(self) -> Callable[[Any], bool]:
+        read = _reader(self.field)
         if self.missing is not None:
             missing = self.missing
-            return lambda value: _is_missing(value) == missing
+            return lambda record: _is_missing(read(record)) == missing
         if self.in_ is not None:
             values = self.in_
-            return lambda value: _json_form(value) in values
+            return lambda record: _json_form(read(record)) in values
         if self.pattern is not None:
-            pattern = self.pattern
-            return lambda value: isinstance(value, str) and pattern.found_in(value)
+            found_in = self.pattern.found_in
+            return lambda record: isinstance(value := read(record), str) and found_in(value)
         if self.less_than is not None:
             bound = self.less_than
-            return lambda value: _is_number(value) and value < bound
+            return lambda record: _is_number(value := read(record)) and value < bound
         if self.greater_than is not None:
             bound = self.greater_than
-            return lambda value: _is_number(value) and value > bound
+            return lambda record: _is_number(value := read(record)) and value > bound
         if self.longer_than is not None:
             length = self.longer_than
-            return lambda value: isinstance(value, str | list) and len(value) > length
+            return lambda record: isinstance(value := read(record), str | list) and len(value) > length
         expected = self.equals
-        return lambda value: bool(_json_form(value) == expected)
+        return lambda record: bool(_json_form(read(record)) == expected)
 
 
 def _both(first: Callable[[Any], bool], second: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -173,8 +171,25 @@ class LinearPattern:
 
 def lookup(record: Any, path: str) -> Any:
     """The value at a dotted path (list items by index, model fields by name); None where the path leads nowhere."""
+    return _lookup(record, path.split("."))
+
+
+def _reader(path: str) -> Callable[[Any], Any]:
+    """`lookup` at `path` as a closure; a field of the log itself (most rules) is read without a loop."""
+    parts = path.split(".")
+    if len(parts) > 1:
+        return lambda record: _lookup(record, parts)
+    name = parts[0]
+    return lambda record: (
+        (getattr(record, name) if name in type(record).__pydantic_fields__ else None)
+        if isinstance(record, BaseModel)
+        else _lookup(record, parts)
+    )
+
+
+def _lookup(record: Any, parts: list[str]) -> Any:
     current = record
-    for part in path.split("."):
+    for part in parts:
         if isinstance(current, BaseModel):
             current = getattr(current, part) if part in type(current).__pydantic_fields__ else None
         elif isinstance(current, dict):

@@ -66,14 +66,14 @@ def screen(raw: bytes | None, *, lineage: Lineage, config: ScreenConfig) -> Norm
         return rejection(raw, lineage, code=code, detail=str(exc), config=config, value=value)
     rule = config.rules.first_match(log)
     if rule is not None:
-        return rejection(raw, lineage, code="rule", rule=rule.name, detail=rule.description, config=config)
+        return rejection(raw, lineage, code="rule", rule=rule.name, detail=rule.description, config=config, value=value)
     if not config.redact:
         return log
     for index, image in enumerate(log.images):
         found = identifiers_in_uri(image.uri)
         if found:
             detail = f"images[{index}].uri holds {' and '.join(found)}: the example cannot point at it without them"
-            return rejection(raw, lineage, code="pii_in_image_uri", detail=detail, config=config)
+            return rejection(raw, lineage, code="pii_in_image_uri", detail=detail, config=config, value=value)
     return redact_log(log, output_from_text=True)
 
 

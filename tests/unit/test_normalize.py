@@ -497,3 +497,16 @@ def test_no_object_with_a_label_like_key_loses_its_label(label_key: str, box_key
     assert log.output is not None
     (obj,) = log.output["objects"]
     assert obj["label"] == label.strip().lower() and "bbox_xyxy" in obj
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_shaped(chat()), _shaped(legacy()), _shaped(legacy(thumbs=-1, fix="{}"))))
+def test_a_log_built_without_validation_equals_the_validated_one(raw: dict[str, Any]) -> None:
+    """`normalize` builds the model from fields its readers checked, without validating them again."""
+    try:
+        log = normalize(raw, synonyms={"x": "y"})
+    except InvalidLog:
+        return
+    validated = NormalizedLog(**{name: getattr(log, name) for name in log.model_fields_set})
+    assert validated == log and validated.model_fields_set == log.model_fields_set
+    assert validated.model_dump_json() == log.model_dump_json()

@@ -5,9 +5,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.logs import ImageInfo, NormalizedLog
-from streams.flywheel.pii import identifiers_in_uri, redact_log, redact_text, redact_value
+from streams.flywheel.pii import (
+    _NUMBERS,
+    EMAIL,
+    _number,
+    _redact_emails,
+    _redact_numbers,
+    identifiers_in_uri,
+    redact_log,
+    redact_text,
+    redact_value,
+)
 
 
 @pytest.mark.parametrize(
@@ -96,3 +108,33 @@ def test_identifiers_in_image_uris_are_found() -> None:
     assert identifiers_in_uri("s3://vlm-images/jane.doe%40example.com/id.jpg") == ["email"]
     assert identifiers_in_uri("s3://vlm-images/users/+4915112345678/a.jpg") == ["phone"]
     assert identifiers_in_uri("s3://vlm-images/chat/1772366400123.png") == []
+
+
+# -- the fast scans give exactly what the patterns' own `sub` gives ------------------------------------------------
+
+NUMBERY = st.text(alphabet="0123456789 .-()+@:,a_\n\t٣x", max_size=60)
+EMAILY = st.text(alphabet="ab.c@-_%+1 é", max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(NUMBERY)
+def test_number_redaction_equals_the_patterns_sub(text: str) -> None:
+    assert _redact_numbers(text) == _NUMBERS.sub(_number, text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(EMAILY)
+def test_email_redaction_equals_the_patterns_sub(text: str) -> None:
+    assert _redact_emails(text) == EMAIL.sub("[EMAIL]", text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="ab 1234567890@.x=&sig\x00+-", max_size=30), min_size=3, max_size=3))
+def test_redact_log_reads_each_text_from_one_scan_as_if_scanned_alone(texts: list[str]) -> None:
+    """The prompt, answer and error are scanned NUL-joined; NULs inside them and signatures running on past the end
+    of a text fall back to one scan each."""
+    prompt, answer, error = texts
+    log = NormalizedLog(log_id="log-1", source_format="openai-chat", request_id="r", prompt=prompt,
+                        timestamp=datetime(2026, 3, 1, tzinfo=UTC), output_text=answer, output_error=error)  # fmt: skip
+    redacted = redact_log(log)
+    assert (redacted.prompt, redacted.output_text, redacted.output_error) == tuple(map(redact_text, texts))
