@@ -138,8 +138,9 @@ def _original(raw: bytes, value: Any, *, redact: bool) -> Any:
     original = bounded.value(value, depth=0)
     if not redact:
         return original
-    # NOTE: one scan of every kept string (NUL between them: no pattern matches across it) finds most originals
-    # clean; only the others are walked string by string.
+    # NOTE: one scan of every kept string (NUL between them, which no pattern needs) finds most originals clean;
+    # only the others are walked string by string. A match spanning a NUL (the URL-signature pattern can) only
+    # sends an original down that slower walk.
     joined = "\x00".join(bounded.texts)
     return original if redact_text(joined) == joined else redact_value(original, numbers=False)
 
