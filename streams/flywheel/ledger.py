@@ -240,7 +240,9 @@ class Ledger:
 class WriterLease:
     """This member's writer lease on some input partitions while it writes their batch, for an `async with` block
     (redis-py's asyncio `Lock` is the model): taken with the begin (`Ledger.write` with `writer_ttl_s`, sent at
-    `taken_at` on the loop's clock), renewed every third of the TTL while the block runs, given back on exit.
+    `taken_at` on the loop's clock), renewed every third of the TTL while the block runs. A block that ends
+    normally ends with the finish (`Ledger.write` without a TTL), which gives the leases back, or found that
+    another member's begin took them over; one that raised gives them back on exit.
 
     The block calls `check` before each write: it raises `WriterLost` once a renewal found the lease gone, or
     once the TTL since the last renewal that Redis answered has passed (another member may be scanning now).
@@ -266,6 +268,8 @@ class WriterLease:
         if self._renewer is None:
             return
         await cancel_and_wait(self._renewer)
+        if exc_type is None:
+            return
         try:
             await self.ledger.renew_writers(self.tps, 0)
         except RedisError as error:
