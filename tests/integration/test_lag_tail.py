@@ -107,13 +107,19 @@ def test_tail_shows_the_newest_records_decoded_with_their_schema(
 def test_tail_follow_prints_records_as_they_arrive(settings: Settings, tmp_path: Path) -> None:
     _results(settings)
     env = {**os.environ, **cli_environment(settings)}
-    follower = subprocess.Popen(
-        [VLMFLOW, "topics", "tail", Topic.JOBS_RESULT, "--n", "1", "--follow"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    # NOTE: a shell starts background commands with SIGINT ignored, and an ignored signal stays ignored across
+    # exec (Python then installs no KeyboardInterrupt handler): the follower gets SIGINT as a terminal gives it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        follower = subprocess.Popen(
+            [VLMFLOW, "topics", "tail", Topic.JOBS_RESULT, "--n", "1", "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert "key=job-4" in follower.stdout.readline()  # type: ignore[union-attr]
         time.sleep(0.5)
@@ -125,5 +131,8 @@ def test_tail_follow_prints_records_as_they_arrive(settings: Settings, tmp_path:
         assert "key=job-late" in follower.stdout.readline()  # type: ignore[union-attr]
     finally:
         follower.send_signal(signal.SIGINT)
-        follower.wait(timeout=10)
+        try:
+            follower.wait(timeout=10)
+        finally:
+            follower.kill()
     assert follower.returncode == 130
