@@ -81,7 +81,8 @@ def _loads(text: str) -> JsonValue:
 
 def parse_json_text(text: str) -> JsonValue:
     """The JSON object or array in a model's text answer, wherever the model put it: the whole text, a fenced
-    block, Qwen2-VL grounding tokens, or the first line that starts a JSON value (after prose)."""
+    block, the first line that starts a JSON value (after prose), or else Qwen2-VL grounding tokens (read after
+    the JSON: a JSON answer may carry box tokens in its strings, and its labels would be lost)."""
     stripped = text.strip()
     if not stripped:
         raise OutputError("empty answer")
@@ -97,9 +98,6 @@ def parse_json_text(text: str) -> JsonValue:
             return _loads(fence.group(1))
         except OutputError:
             pass
-    grounded = _grounding(stripped) if "<|box_start|>" in stripped else None
-    if grounded is not None:
-        return grounded
     for start in itertools.islice(_JSON_LINE_START.finditer(text), MAX_JSON_STARTS):
         rest = text[start.end() - 1 :].rstrip()
         try:
@@ -111,6 +109,9 @@ def parse_json_text(text: str) -> JsonValue:
             return _container(value)
         except (OutputError, ValueError, RecursionError):
             continue
+    grounded = _grounding(stripped) if "<|box_start|>" in stripped else None
+    if grounded is not None:
+        return grounded
     if reason is None:
         try:
             _loads(stripped)
