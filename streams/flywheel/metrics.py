@@ -34,6 +34,8 @@ REDIS_RETRIES = "vlmflow_streams_redis_retries_total"
 """Counter {operation}: Redis calls that failed and were retried (the stage pauses meanwhile)."""
 KAFKA_RETRIES = "vlmflow_streams_kafka_retries_total"
 """Counter: batches whose produce failed and were taken again (what was written is found, not written twice)."""
+CONSUMER_REPLACED = "vlmflow_streams_consumer_replaced_total"
+"""Counter: raw-log consumers replaced because their fetches stopped answering (a stuck fetcher)."""
 BATCH_SECONDS = "vlmflow_streams_batch_seconds"
 """Histogram: handling one batch of raw logs, from fetch to commit."""
 ERRORS = "vlmflow_streams_errors_total"
@@ -59,6 +61,7 @@ class StreamsMetrics:
         self.lag = Gauge(CONSUMER_LAG, "records not yet handled", ["topic", "partition"], registry=r)
         self.redis_retries = Counter(REDIS_RETRIES, "Redis calls retried", ["operation"], registry=r)
         self.kafka_retries = Counter(KAFKA_RETRIES, "batches taken again after a produce failure", registry=r)
+        self.consumer_replaced = Counter(CONSUMER_REPLACED, "stuck raw-log consumers replaced", registry=r)
         self.batch_seconds = Histogram(BATCH_SECONDS, "one raw batch", buckets=_SECONDS_BUCKETS, registry=r)
         self.errors = Counter(ERRORS, "defects survived", ["where"], registry=r)
 

@@ -24,6 +24,12 @@ steps; Redis effects are idempotent. Failure policy: a defect met while screenin
 writer lease takes the batch again from step 1, which finds what was written; so does a partition whose ledger
 entry another member wrote meanwhile, while this member still holds the partition. Only a failure of the stage's
 own setup stops the worker.
+
+Watching itself (`_watch`, every `WATCH_INTERVAL_S`): a partition held for `FETCH_STALL_S` without one fetch
+answer means the consumer's fetcher is stuck (aiokafka waits without a limit for a committed offset, and one such
+wait holds up every fetch from that broker), so the consumer is replaced: it leaves the group and a new one joins,
+and the records after the last commit are fetched again (the ledger keeps their outputs unique). A loop that has
+not come round for `STALL_WARN_S` is logged with the chain of awaits it sits in.
 """
 
 from __future__ import annotations
@@ -34,15 +40,15 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, ConsumerStoppedError, IllegalStateError, KafkaError
 from aiokafka.producer.message_accumulator import BatchBuilder
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
 from mode import Service
 
 from schemas.cases import HardCase
@@ -80,6 +86,11 @@ BUSY_POLL_S = 0.2
 STOP_TIMEOUT_S = 30.0
 """On stop, how long the batch in progress may take to finish before the stage is cancelled."""
 OUTPUT_TOPICS = (Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED, Topic.CASES_HARD)
+WATCH_INTERVAL_S = 10.0
+FETCH_STALL_S = 60.0
+"""A partition held this long without one fetch answer (a healthy fetcher answers within a second) is stuck."""
+STALL_WARN_S = 120.0
+"""A fetch-and-handle round this long is logged with where it waits."""
 
 
 @dataclass
@@ -141,20 +152,18 @@ class RawLogStage(Service):
         """The batch fetched last, being screened while the one before it is handled."""
         self._generation = 0
         """Bumped when partitions move: a batch fetched under an older generation is dropped."""
+        self._assigned_at: dict[TopicPartition, float] = {}
+        """held partition -> when it was assigned (monotonic)"""
+        self._replacement = ""
+        """Why the consumer must be replaced (`replace_consumer`; `_run` does it); empty when it need not be."""
+        self._round_started = self._stall_warned_at = time.monotonic()
+        self._run_task: asyncio.Task[None] | None = None
 
     async def on_start(self) -> None:
         settings, streams = self.settings, self.settings.streams
         options = aiokafka_options(settings.kafka)
         session_ms = settings.kafka.session_timeout_ms
-        self.consumer = AIOKafkaConsumer(
-            **options,
-            group_id=streams.app_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=BATCH_MAX,
-            session_timeout_ms=session_ms,
-            heartbeat_interval_ms=max(100, session_ms // 3),
-        )
+        self.consumer = self._new_consumer()
         self.producer = AIOKafkaProducer(
             **options, acks="all", linger_ms=PRODUCER_LINGER_MS, max_request_size=MAX_REQUEST_BYTES
         )
@@ -178,16 +187,41 @@ class RawLogStage(Service):
         outputs = [TopicPartition(t, p) for t in OUTPUT_TOPICS for p in range(self._partitions[t])]
         # NOTE: ListOffsets "latest" is a lower bound on the local broker, which is all a scan start needs.
         self._ends = dict(await self.scanner.end_offsets(outputs))
-        self.consumer.subscribe([Topic.LOGS_RAW], listener=_Rebalance(self))
-        await self.consumer.start()
+        await self._join(self.consumer)
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        session_ms = self.settings.kafka.session_timeout_ms
+        return AIOKafkaConsumer(
+            **aiokafka_options(self.settings.kafka),
+            group_id=self.settings.streams.app_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=BATCH_MAX,
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(100, session_ms // 3),
+        )
+
+    async def _join(self, consumer: AIOKafkaConsumer) -> None:
+        consumer.subscribe([Topic.LOGS_RAW], listener=_Rebalance(self))
+        await consumer.start()
 
     @Service.task
     async def _run(self) -> None:
         """Fetch a batch and start screening it, then handle the batch before it: the worker processes screen
         while this process waits for Redis and the broker."""
+        self._run_task = asyncio.current_task()
         try:
             while not self.should_stop:
-                fetched = await self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=BATCH_MAX)
+                self._round_started = time.monotonic()
+                if self._replacement:
+                    await self._replace(self._replacement)
+                consumer = self.consumer
+                try:
+                    fetched = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=BATCH_MAX)
+                except ConsumerStoppedError:
+                    if consumer is self.consumer:
+                        raise
+                    continue
                 batch = self._screening(fetched) if fetched else None
                 async with self.batch_lock:
                     if self._ahead is not None:
@@ -216,14 +250,57 @@ class RawLogStage(Service):
         await self.redis.aclose()
         self.screener.close()
 
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        now = time.monotonic()
+        self._assigned_at.update((tp, now) for tp in partitions)
+
     def revoked(self, partitions: set[TopicPartition]) -> None:
         """Called with the batch lock held when partitions move: the batch fetched ahead is dropped (its records
         are not committed; their owner after the rebalance fetches them again)."""
         self._generation += 1
         self._ahead = None
         for tp in partitions:
+            self._assigned_at.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
+
+    @Service.timer(WATCH_INTERVAL_S)
+    async def _watch(self) -> None:
+        now = time.monotonic()
+        held = self.consumer.assignment()
+        stuck = never_fetched(
+            {tp: since for tp, since in self._assigned_at.items() if tp in held},
+            self.consumer.highwater,
+            now,
+            FETCH_STALL_S,
+        )
+        if stuck and not self._replacement:
+            where = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in stuck)
+            why = f"no fetch answer for {where} within {FETCH_STALL_S:.0f} s of their assignment"
+            log.warning("the raw-log stage's consumer is stuck (%s); replacing it", why)
+            self.replace_consumer(why)
+        waited = now - self._round_started
+        task = self._run_task
+        if waited >= STALL_WARN_S and now - self._stall_warned_at >= STALL_WARN_S and task and not task.done():
+            self._stall_warned_at = now
+            log.warning("the raw-log stage has not come round for %.0f s; it waits in %s", waited, awaits_of(task))
+
+    def replace_consumer(self, why: str) -> None:
+        """Have the loop replace the consumer before its next fetch (it alone fetches, so it alone may)."""
+        self._replacement = why
+
+    async def _replace(self, why: str) -> None:
+        """A new consumer in place of a stuck one: the old one leaves the group (not holding the batch lock: its
+        leaving may call the rebalance listener), the new one joins and fetches from the last commit."""
+        old = self.consumer
+        async with self.batch_lock:
+            self.revoked(old.assignment())
+            self.consumer = self._new_consumer()
+        await old.stop()
+        await self._join(self.consumer)
+        self._replacement = ""
+        self.metrics.consumer_replaced.inc()
+        log.info("the raw-log stage's consumer was replaced (%s)", why)
 
     async def _handle_until_written(self, batch: Batch) -> None:
         """`_handle`, taken again after a produce failure or a lost writer lease (step 1 then finds what was
@@ -352,29 +429,34 @@ class RawLogStage(Service):
 
     async def _produce(self, outputs: list[Output], lease: WriterLease) -> None:
         """Write `outputs` in one batch per output partition and wait for every acknowledgement (while the writer
-        lease holds: each send checks it)."""
+        lease holds: each send checks it). On a failure every send already made settles before it is raised:
+        the lease is given back only then, so that no scan by this member or another misses a late write."""
         by_partition: dict[TopicPartition, list[Output]] = defaultdict(list)
         for output in outputs:
             tp = TopicPartition(output.topic, partition_for(output.key, self._partitions[output.topic]))
             by_partition[tp].append(output)
-        pending = []
+        pending: list[tuple[TopicPartition, BatchBuilder, asyncio.Future[RecordMetadata]]] = []
 
         async def send(tp: TopicPartition, batch: BatchBuilder) -> None:
             lease.check()
             pending.append((tp, batch, await self.producer.send_batch(batch, tp.topic, partition=tp.partition)))
 
-        for tp, items in by_partition.items():
-            batch = self.producer.create_batch()
-            for output in items:
-                headers = [(SOURCE_HEADER, output.source.header())]
-                if batch.append(key=output.key, value=output.value, timestamp=None, headers=headers) is None:
-                    await send(tp, batch)
-                    batch = self.producer.create_batch()
-                    batch.append(key=output.key, value=output.value, timestamp=None, headers=headers)
-            await send(tp, batch)
-        for tp, batch, future in pending:
-            metadata = await future
-            self._ends[tp] = max(self._ends.get(tp, 0), metadata.offset + batch.record_count())
+        try:
+            for tp, items in by_partition.items():
+                batch = self.producer.create_batch()
+                for output in items:
+                    headers = [(SOURCE_HEADER, output.source.header())]
+                    if batch.append(key=output.key, value=output.value, timestamp=None, headers=headers) is None:
+                        await send(tp, batch)
+                        batch = self.producer.create_batch()
+                        batch.append(key=output.key, value=output.value, timestamp=None, headers=headers)
+                await send(tp, batch)
+            for tp, batch, future in pending:
+                metadata = await future
+                self._ends[tp] = max(self._ends.get(tp, 0), metadata.offset + batch.record_count())
+        except BaseException:
+            await settled(future for _, _, future in pending)
+            raise
         for tp, items in by_partition.items():
             self.metrics.records_out.labels(AGENT, tp.topic).inc(len(items))
 
@@ -427,7 +509,42 @@ class _Rebalance(ConsumerRebalanceListener):
             self.stage.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.stage.assigned(assigned)
         log.info("raw-log stage holds %s", ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)))
+
+
+def never_fetched(
+    assigned_at: Mapping[TopicPartition, float],
+    highwater: Callable[[TopicPartition], int | None],
+    now: float,
+    limit_s: float,
+) -> list[TopicPartition]:
+    """The partitions held for `limit_s` or more whose fetches never answered (no high watermark known)."""
+    return sorted(tp for tp, since in assigned_at.items() if now - since >= limit_s and highwater(tp) is None)
+
+
+async def settled(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Wait until every future is done, whatever each ends with (what they raise is for their owner to read)."""
+    waiting = [future for future in futures if not future.done()]
+    if waiting:
+        await asyncio.wait(waiting)
+
+
+def awaits_of(task: asyncio.Task[Any]) -> str:
+    """Where `task` waits: its chain of awaits, outermost first, as `function:line` (for a stall warning)."""
+    steps: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        if isinstance(awaited, asyncio.Task):
+            awaited = awaited.get_coro()
+            continue
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            steps.append(type(awaited).__name__)
+            break
+        steps.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " -> ".join(steps)
 
 
 def _raw_record(record: ConsumerRecord) -> RawRecord:
