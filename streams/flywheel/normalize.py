@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -31,9 +31,20 @@ _S3_PRESIGN_PARAMS = frozenset(
     {"x-amz-signature", "x-amz-credential", "x-amz-algorithm", "signature", "awsaccesskeyid"}
 )
 """Query parameters of a path-style S3 (or MinIO) presigned URL: such a URL becomes `s3://bucket/key`."""
-_PLAIN_S3 = re.compile(r"s3://([^/?#\[\]\t\r\n]*)/+([^?#\t\r\n]*)")
+_PLAIN_S3 = re.compile(r"s3://([^/?#\[\]\t\r\n]*+)/++([^?#\t\r\n]*+)")
 """An `s3://bucket/key` URI that `urlsplit` would read the same way (no query, fragment, brackets or the control
-characters it drops): read directly, as most image references are."""
+characters it drops): read directly, as most image references are. Possessive, as `_PLAIN_HTTP`: `/+` followed by
+a key that may hold `/` backtracked quadratically (20,000 slashes and a `#` took seconds)."""
+_PLAIN_HTTP = re.compile(
+    r"(https?)://([^/?#\[\]\x00-\x20\x80-\U0010ffff]++)(/[^?#\x00-\x20]*+)?(?:\?([^#\x00-\x20]*+))?"
+)
+"""An http(s) URL that `urlsplit` splits at its first `/` and `?` and leaves as it is: a lowercase scheme, an
+ASCII host part without brackets (nothing there it could refuse), no fragment, no spaces or control characters
+(which it strips or drops). Groups: scheme, netloc, path, query. Possessive: a long text that does not match
+fails in linear time."""
+_BARE_KEY = re.compile(r"[^:\[\]\x80-\U0010ffff]+")
+"""A `bucket/key` reference that `urlsplit` reads without a scheme and cannot refuse (no `:`, brackets or
+non-ASCII text)."""
 _OTHER_STORES = re.compile(r"x-goog-.*|googleaccessid|x-oss-.*|ossaccesskeyid|x-cos-.*")
 """Signing parameters of stores that are not S3: their URLs are not read as `s3://` even when `Signature` is
 among the parameters (Google's V2 signed URLs)."""
@@ -45,6 +56,8 @@ SIGNING_PARAM = re.compile(
 Azure SAS (`sig`), CloudFront — and of bearer tokens: a URL carrying any of them is kept without its query, since
 the signature would grant access to whoever reads the dataset."""
 _NUMERIC = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
+_EXACT_FLOAT_INT = 2**53
+"""Whole numbers up to this one are exact as floats."""
 _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
 _THUMBS: dict[object, Feedback] = {1: "positive", 0: "none", -1: "negative", "up": "positive", "down": "negative"}
@@ -150,12 +163,20 @@ def _trusted(model: type[M], fields: dict[str, Any]) -> M:
     """`model(**fields)` for fields the readers checked already: the same instance (field order, defaults, the
     set of fields given), without validation. Every field without a default must be in `fields`; none of these
     models has a default factory."""
-    instance = model.__new__(model)
-    object.__setattr__(instance, "__dict__", {**_DEFAULTS[model], **fields})
-    object.__setattr__(instance, "__pydantic_fields_set__", set(fields))
-    object.__setattr__(instance, "__pydantic_extra__", None)
-    object.__setattr__(instance, "__pydantic_private__", None)
+    instance = object.__new__(model)
+    _set_dict(instance, {**_DEFAULTS[model], **fields})
+    _set_fields_set(instance, set(fields))
+    _set_extra(instance, None)
+    _set_private(instance, None)
     return instance
+
+
+_set_dict, _set_fields_set, _set_extra, _set_private = (
+    BaseModel.__dict__[slot].__set__
+    for slot in ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
+)
+"""The setters of a model's four slots (frozen models refuse `setattr`): called directly, they cost about half of
+`object.__setattr__` by name (with it, building an `ImageInfo` here cost as much as validating one)."""
 
 
 _DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {
@@ -170,9 +191,17 @@ _DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {
 def _text(value: object, path: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if isinstance(value, int | float) and not isinstance(value, bool) and _finite(value):
         return str(value)
     _fail("invalid_field", f"{path}: expected text, got {type(value).__name__}")
+
+
+def _finite(value: float) -> bool:
+    """`math.isfinite`, False for an int beyond a float's range (JSON allows any number of digits)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _object(value: object, path: str) -> dict[str, Any]:
@@ -183,16 +212,21 @@ def _object(value: object, path: str) -> dict[str, Any]:
 
 def _number(value: object, path: str) -> float | None:
     """A finite number, from a JSON number or numeric text."""
+    if type(value) is int and _finite(value):
+        return float(value)
     if value is None:
         return None
     if isinstance(value, str) and _NUMERIC.match(value):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         _fail("invalid_field", f"{path}: expected a number")
     return float(value)
 
 
 def _count(value: object, path: str) -> int | None:
+    # NOTE: an int up to 2**53 is what the float round trip below returns; larger ones lose digits there.
+    if type(value) is int and 0 <= value <= _EXACT_FLOAT_INT:
+        return value
     number = _number(value, path)
     if number is None:
         return None
@@ -237,22 +271,21 @@ def image_uri(reference: object, path: str) -> str:
     """`s3://bucket/key` for s3 URIs, `bucket/key` and path-style S3 presigned URLs (query dropped); other http(s)
     URLs are kept as they are (the worker fetches those only from allow-listed hosts), without their query when it
     signs them (`SIGNING_PARAM`: a signature in a dataset would grant access to the image)."""
-    if not isinstance(reference, str) or not reference.strip():
+    text = reference.strip() if isinstance(reference, str) else ""
+    if not text:
         _fail("invalid_image", f"{path}: expected an image URI")
-    text = reference.strip()
     plain = _PLAIN_S3.fullmatch(text)
     if plain is not None:
         return _s3(plain.group(1), plain.group(2), path)
+    if _BARE_KEY.fullmatch(text):
+        return _bare_s3(text, path)
     if text.startswith("data:"):
         _fail("inline_image", f"{path}: an inline data: image")
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        _fail("invalid_image", f"{path}: not a URI")
+    parts = _split(text, path)
     if parts.scheme == "s3":
         return _s3(parts.netloc, parts.path.lstrip("/"), path)
     if parts.scheme in ("http", "https"):
-        query = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        query = _query_names(parts.query)
         if query & _S3_PRESIGN_PARAMS and not any(_OTHER_STORES.fullmatch(name) for name in query):
             bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
             return _s3(bucket, key, path)
@@ -263,6 +296,31 @@ def image_uri(reference: object, path: str) -> str:
         return text
     if parts.scheme:
         _fail("invalid_image", f"{path}: scheme {parts.scheme!r} is not s3 or http(s)")
+    return _bare_s3(text, path)
+
+
+def _split(text: str, path: str) -> SplitResult:
+    """`urlsplit(text)`; plain http(s) URLs (`_PLAIN_HTTP`, most presigned ones) are split directly, at a third
+    of the cost (`urlsplit` caches 128 URLs, and a stream of logs holds distinct ones)."""
+    plain = _PLAIN_HTTP.fullmatch(text)
+    if plain is not None:
+        scheme, netloc, url_path, query = plain.groups("")
+        return SplitResult(scheme, netloc, url_path, query, "")
+    try:
+        return urlsplit(text)
+    except ValueError:
+        _fail("invalid_image", f"{path}: not a URI")
+
+
+def _query_names(query: str) -> set[str]:
+    """The lowercased parameter names of a URL query, as `parse_qsl(query, keep_blank_values=True)` reads them:
+    directly when no name or value needs decoding (no `%` or `+`)."""
+    if "%" in query or "+" in query:
+        return {name.lower() for name, _ in parse_qsl(query, keep_blank_values=True)}
+    return {part.partition("=")[0].lower() for part in query.split("&") if part}
+
+
+def _bare_s3(text: str, path: str) -> str:
     bucket, _, key = text.partition("/")
     return _s3(bucket, key, path)
 

@@ -45,20 +45,25 @@ _NUMBER_START = re.compile(r"[+(\d](?:(?<![\w@+].)|(?<=\d)(?<![\d.].))")
 """Where a match of `_NUMBERS` can start: `+`, `(` or a digit after no word character, `@` or `+` (a phone number),
 or a digit after no digit or `.` (a long number). Written to start with that character, so that `re` finds these
 places by a fast scan for it; `_NUMBERS` starts with lookbehinds, so `re` would try it in full at every position."""
-SIGNED_PARAM = re.compile(
-    r"(?i)(?<![\w-])((?:x-(?:amz|goog|oss|cos|ms)-(?:signature|credential|security-token)|signature|sig"
-    r"|awsaccesskeyid|googleaccessid|ossaccesskeyid|access_token|token)=)[^&\s\"'<>]+"
+_NUMBER_RUN = re.compile(r"[+(\d][\d\s.\-()+]{6,}")
+"""Where `_NUMBERS` can match text it redacts. Its matches are made of these characters, so each lies inside one
+run of them, and those that are redacted hold 7 digits or more; so matches in shorter runs change nothing, and
+matches in one run do not move those in another. A run is taken from its first `+`, `(` or digit, where `_NUMBERS`
+can first start in it."""
+_SIGNED_NAME = (
+    r"(?<![\w-])(?:x-(?:amz|goog|oss|cos|ms)-(?:signature|credential|security-token)|signature|sig"
+    r"|awsaccesskeyid|googleaccessid|ossaccesskeyid|access_token|token)="
 )
+SIGNED_PARAM = re.compile(rf"({_SIGNED_NAME})[^&\s\"'<>]+", re.IGNORECASE)
 """A signature, credential or token in a URL query written into a text: its value is what grants access."""
+_SIGNED_NAME_AT_END = re.compile(rf"{_SIGNED_NAME}\Z", re.IGNORECASE)
+"""A parameter name of `SIGNED_PARAM` and its `=`, ending where the search ends."""
+_LONGEST_SIGNED_NAME = len("x-goog-security-token=")
+"""How far before its `=` a name of `SIGNED_PARAM` can start."""
 _URI_PHONE = re.compile(r"(?<![\w+])\+\d(?:[\s.\-]?\d){6,14}(?!\d)")
 
 _SCAN = re.compile(r"[@=0-9]")
 """Only texts holding one of these can hold anything this module redacts."""
-_NUMBER_CANDIDATE = re.compile(r"\d(?:[\s.\-()]{0,2}\d){6}")
-"""Seven digits with at most two separators between neighbours: every phone number and long digit run holds such
-a span. Searching for it is several times cheaper than the full pattern, and most texts (answers full of
-coordinates like `[120, 40, 300, 200]`) do not hold one."""
-
 T = TypeVar("T")
 
 
@@ -69,9 +74,7 @@ def redact_text(text: str) -> str:
     if "@" in text:
         text = _redact_emails(text)
     if "=" in text:
-        text = SIGNED_PARAM.sub(r"\1[SECRET]", text)
-    if _NUMBER_CANDIDATE.search(text) is None:
-        return text
+        text = _redact_signatures(text)
     return _redact_numbers(text)
 
 
@@ -101,21 +104,50 @@ def _redact_emails(text: str) -> str:
     return "".join(parts)
 
 
+def _redact_signatures(text: str) -> str:
+    """`SIGNED_PARAM.sub(r"\\1[SECRET]", text)`, with `SIGNED_PARAM` tried only where a name ends at an `=` (`re`
+    would try it, as it starts with a lookbehind, at every position). A name is a run of word characters and
+    dashes, so each `=` ends at most one, starting after the previous `=` or match and at most the longest name
+    before it."""
+    parts: list[str] = []
+    done = searched = 0
+    at = text.find("=")
+    while at != -1:
+        # NOTE: `endpos` makes `\Z` match right after this `=`; lookbehinds still see the text before `pos`.
+        name = _SIGNED_NAME_AT_END.search(text, max(searched, at + 1 - _LONGEST_SIGNED_NAME), at + 1)
+        match = None if name is None else SIGNED_PARAM.match(text, name.start())
+        if match is None:
+            searched = at + 1
+        else:
+            parts += (text[done : match.start()], match.group(1), "[SECRET]")
+            done = searched = match.end()
+        at = text.find("=", searched)
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
+
+
 def _redact_numbers(text: str) -> str:
-    """`_NUMBERS.sub(_number, text)`, with `_NUMBERS` tried only where `_NUMBER_START` says a match can start (the
-    same matches, found as `sub` finds them: leftmost first, the next search from the end of the last match)."""
+    """`_NUMBERS.sub(_number, text)`, with `_NUMBERS` tried only inside `_NUMBER_RUN`s and there only where
+    `_NUMBER_START` says a match can start (the same matches, found as `sub` finds them: leftmost first, the next
+    search from the end of the last match)."""
     parts: list[str] = []
     done = 0
-    start = _NUMBER_START.search(text)
-    while start is not None:
-        at = start.start()
-        match = _NUMBERS.match(text, at)
-        if match is None:
-            start = _NUMBER_START.search(text, at + 1)
-            continue
-        parts += (text[done:at], _number(match))
-        done = match.end()
-        start = _NUMBER_START.search(text, done)
+    for run in _NUMBER_RUN.finditer(text):
+        # NOTE: `_NUMBER_START` only looks behind, so `end` does not change where it matches; `_NUMBERS` is matched
+        # without it, since its lookaheads must see the text after the run.
+        end = run.end()
+        start = _NUMBER_START.search(text, run.start(), end)
+        while start is not None:
+            at = start.start()
+            match = _NUMBERS.match(text, at)
+            if match is None:
+                start = _NUMBER_START.search(text, at + 1, end)
+                continue
+            parts += (text[done:at], _number(match))
+            done = match.end()
+            start = _NUMBER_START.search(text, done, end)
     if not parts:
         return text
     parts.append(text[done:])

@@ -19,24 +19,28 @@ class TimeError(ValueError):
 
 def parse_log_time(value: object) -> datetime:
     """An aware UTC datetime from an epoch number (s or ms) or ISO 8601 / `YYYY-MM-DD HH:MM:SS` text."""
-    if isinstance(value, bool) or value is None:
-        raise TimeError(f"expected an epoch number or a date-time text, got {type(value).__name__}")
-    if isinstance(value, str) and _NUMERIC.match(value.strip()):
-        value = float(value)
-    if isinstance(value, int | float):
-        return _from_epoch(float(value))
-    if not isinstance(value, str):
-        raise TimeError(f"expected an epoch number or a date-time text, got {type(value).__name__}")
+    # NOTE: the exact `int` test first: most times are integer epochs, and `bool` (an `int`) must not pass.
+    if type(value) is int:
+        return _from_epoch(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if _NUMERIC.match(text):
+            return _from_epoch(float(value))
+        try:
+            parsed = datetime.fromisoformat(text)
+            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise TimeError("not ISO 8601 or YYYY-MM-DD HH:MM:SS") from None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _from_epoch(value)
+    raise TimeError(f"expected an epoch number or a date-time text, got {type(value).__name__}")
+
+
+def _from_epoch(number: float) -> datetime:
     try:
-        parsed = datetime.fromisoformat(value.strip())
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise TimeError("not ISO 8601 or YYYY-MM-DD HH:MM:SS") from None
-
-
-def _from_epoch(seconds: float) -> datetime:
+        seconds = float(number)
+    except OverflowError:
+        raise TimeError("epoch out of range") from None
     if not math.isfinite(seconds):
         raise TimeError("epoch is not a finite number")
     if abs(seconds) >= EPOCH_MS_ABOVE:

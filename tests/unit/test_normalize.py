@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import math
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -15,8 +18,9 @@ from schemas.jobs import ImageJob, JobError, JobResult, Timings
 from schemas.logs import JobEvent, Lineage, NormalizedLog
 from schemas.topics import Topic
 from streams.flywheel.model_output import parse_json_text
-from streams.flywheel.normalize import normalize, raw_log_id
+from streams.flywheel.normalize import _count, _fail, _number, normalize, raw_log_id
 from streams.flywheel.pii import redact_log
+from streams.flywheel.timeparse import EPOCH_MS_ABOVE, TimeError, parse_log_time
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EPOCH = int(T.timestamp())
@@ -523,3 +527,129 @@ def test_a_json_answer_after_prose_with_box_tokens_in_its_strings_keeps_its_labe
     assert parse_json_text(grounded) == {
         "objects": [{"box_1000": "<|box_start|>(1,2),(3,4)<|box_end|>", "label": "cat"}]
     }
+
+
+# -- fast paths against the definitions they replaced ------------------------------------------------------------
+
+_REFERENCE_NUMERIC = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
+
+
+def reference_number(value: object, path: str) -> float | None:
+    """`_number` before its `int` fast path (and with an int beyond a float's range refused, not raised)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and _REFERENCE_NUMERIC.match(value):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _reference_finite(value):
+        _fail("invalid_field", f"{path}: expected a number")
+    return float(value)
+
+
+def _reference_finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def reference_count(value: object, path: str) -> int | None:
+    """`_count` before its `int` fast path."""
+    number = reference_number(value, path)
+    if number is None:
+        return None
+    if number < 0 or number != int(number):
+        _fail("invalid_field", f"{path}: expected a whole number ≥ 0")
+    return int(number)
+
+
+def reference_parse_log_time(value: object) -> datetime:
+    """`parse_log_time` before its fast paths (and with an int beyond a float's range refused, not raised)."""
+    if isinstance(value, bool) or value is None:
+        raise TimeError(f"expected an epoch number or a date-time text, got {type(value).__name__}")
+    if isinstance(value, str) and re.match(r"^-?\d+(\.\d+)?$", value.strip()):
+        value = float(value)
+    if isinstance(value, int | float):
+        if not _reference_finite(value):
+            raise TimeError("epoch out of range" if isinstance(value, int) else "epoch is not a finite number")
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise TimeError("epoch is not a finite number")
+        if abs(seconds) >= EPOCH_MS_ABOVE:
+            seconds /= 1000
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (ValueError, OverflowError, OSError):
+            raise TimeError("epoch out of range") from None
+    if not isinstance(value, str):
+        raise TimeError(f"expected an epoch number or a date-time text, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise TimeError("not ISO 8601 or YYYY-MM-DD HH:MM:SS") from None
+
+
+def result_of(read: Callable[..., object], *args: object) -> tuple[object, ...]:
+    """What `read` returns (with its type and repr), or the type and message of what it raises."""
+    try:
+        value = read(*args)
+    except (InvalidLog, TimeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return "value", value, type(value), repr(value)
+
+
+_SPACE = st.sampled_from(["", " ", "\t", "\n", "\u3000"])
+NUMBERS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**1100), 2**1100),
+    st.integers(2**53 - 3, 2**53 + 3),
+    st.floats(),
+    st.builds(lambda a, text, b: a + text + b, _SPACE, st.from_regex(r"-?\d+(\.\d+)?", fullmatch=True), _SPACE),
+    st.sampled_from(["1e3", "1_000", "0x10", "٣", "-0", "+1", "1.", ".5", "nan", "inf", ""]),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
+"""Values where logs hold numbers: bool, float, text and ints far beyond a float's range included."""
+
+
+@settings(max_examples=2000, deadline=None)
+@given(NUMBERS)
+def test_numbers_and_counts_are_read_as_before_their_int_fast_paths(value: object) -> None:
+    assert result_of(_number, value, "lat") == result_of(reference_number, value, "lat")
+    assert result_of(_count, value, "n") == result_of(reference_count, value, "n")
+
+
+_ZONES = st.sampled_from([None, UTC, timezone(timedelta(hours=2)), timezone(-timedelta(hours=23, minutes=59))])
+TIMES = st.one_of(
+    NUMBERS,
+    st.integers(-(10**16), 10**16),
+    st.builds(
+        lambda moment, separator, zulu, a, b: a + moment.isoformat(separator).replace("+00:00", zulu) + b,
+        st.datetimes(timezones=_ZONES),
+        st.sampled_from(["T", " "]),
+        st.sampled_from(["+00:00", "Z"]),
+        _SPACE,
+        _SPACE,
+    ),
+    st.sampled_from(["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "2026-03-01", "last tuesday"]),
+)
+"""Values where logs hold times: epochs in s and ms, ISO 8601 with and without zones, and the unreadable."""
+
+
+@settings(max_examples=2000, deadline=None)
+@given(TIMES)
+def test_times_are_read_as_before_their_fast_paths(value: object) -> None:
+    assert result_of(parse_log_time, value) == result_of(reference_parse_log_time, value)
+
+
+@pytest.mark.parametrize("field", ["lat", "img_w", "ts"])
+def test_an_integer_beyond_a_floats_range_is_an_invalid_field(field: str) -> None:
+    """JSON numbers have no size limit; one too large for a float is bad input (it raised OverflowError, which
+    made the record an `internal_error`)."""
+    assert code_of(legacy(**{field: 10**400})) == ("invalid_timestamp" if field == "ts" else "invalid_field")
+    with pytest.raises(TimeError):
+        parse_log_time(-(10**400))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from streams.flywheel.pii import (
     _number,
     _redact_emails,
     _redact_numbers,
+    _redact_signatures,
     identifiers_in_uri,
     redact_log,
     redact_text,
@@ -138,3 +141,80 @@ def test_redact_log_reads_each_text_from_one_scan_as_if_scanned_alone(texts: lis
                         timestamp=datetime(2026, 3, 1, tzinfo=UTC), output_text=answer, output_error=error)  # fmt: skip
     redacted = redact_log(log)
     assert (redacted.prompt, redacted.output_text, redacted.output_error) == tuple(map(redact_text, texts))
+
+
+# -- the scans give what the previous, plain `sub` definitions gave -------------------------------------------------
+
+SIGNED_PARAM_BEFORE = re.compile(
+    r"(?i)(?<![\w-])((?:x-(?:amz|goog|oss|cos|ms)-(?:signature|credential|security-token)|signature|sig"
+    r"|awsaccesskeyid|googleaccessid|ossaccesskeyid|access_token|token)=)[^&\s\"'<>]+"
+)
+"""`SIGNED_PARAM` as it was written before `_redact_signatures`."""
+
+
+def redact_text_before(text: str) -> str:
+    """`redact_text` as it was: every pattern's own `sub` over the whole text."""
+    text = EMAIL.sub("[EMAIL]", text)
+    text = SIGNED_PARAM_BEFORE.sub(r"\1[SECRET]", text)
+    return _NUMBERS.sub(_number, text)
+
+
+def redact_value_before(value: Any) -> Any:
+    """`redact_value` with `redact_text_before` for every string and key."""
+    if isinstance(value, str):
+        return redact_text_before(value)
+    if isinstance(value, dict):
+        return {redact_text_before(key): redact_value_before(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_value_before(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**8:
+        return "[NUMBER]"
+    return value
+
+
+PIECES = [
+    *"0123456789 .-()+@=&?\x00:_a\n\t٣١",
+    *("+1 ", "415 555 0100", "(0151) ", "123456789", "4111 1111 1111", "2024-01-15 10:30", "1.5", "ab@cd.org"),
+    *("sig=", "Signature=", "X-Amz-Signature=", "x-goog-security-token=", "token=", "access_token=", "ſig=", "-sig="),
+    *("tok", "en=", '"', "<", "ACC-", "id", "é"),
+]
+"""Text rich in what the patterns look at: digits (Arabic-Indic too), separators, `@`, `=`, `&`, NULs and URL
+parameter names (`ſ` matches `s` without case)."""
+RICH = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=False) | RICH,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(RICH, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(RICH)
+def test_redact_text_equals_the_plain_subs(text: str) -> None:
+    assert redact_text(text) == redact_text_before(text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(RICH)
+def test_number_runs_give_the_patterns_sub(text: str) -> None:
+    assert _redact_numbers(text) == _NUMBERS.sub(_number, text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(RICH)
+def test_signatures_tried_at_each_equals_sign_give_the_patterns_sub(text: str) -> None:
+    assert _redact_signatures(text) == SIGNED_PARAM_BEFORE.sub(r"\1[SECRET]", text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSONISH)
+def test_values_are_redacted_as_with_the_plain_subs(value: Any) -> None:
+    assert redact_value(value) == redact_value_before(value)
+
+
+def test_a_signature_name_longer_than_any_known_one_is_not_one() -> None:
+    text = "a?x-goog-security-token=1&xx-goog-security-token=2&X-GOOG-SECURITY-TOKEN=3"
+    assert (
+        _redact_signatures(text)
+        == "a?x-goog-security-token=[SECRET]&xx-goog-security-token=2&X-GOOG-SECURITY-TOKEN=[SECRET]"
+    )
