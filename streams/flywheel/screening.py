@@ -21,7 +21,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.cases import HardCase
 from schemas.codec import encode
 from schemas.logs import Lineage, NormalizedLog, RejectedLog
 from schemas.settings import StreamsSettings
@@ -70,8 +69,9 @@ class Screened:
     request_fingerprint: str | None = None
     attempt: int = 0
     case: bytes | None = None
-    """The encoded `HardCase` when the log is one."""
+    """The encoded `HardCase` when the log is one (queued as it is: never parsed back)."""
     case_id: str | None = None
+    case_priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,8 @@ def _screened(outcome: NormalizedLog | RejectedLog, raw: bytes | None, rules: Ru
         attempt=final.attempt,
         case=encode(case) if case is not None else None,
         case_id=case.case_id if case is not None else None,
+        case_priority=case.priority if case is not None else 0,
     )
-
-
-def hard_case_of(item: Screened) -> HardCase | None:
-    return HardCase.model_validate_json(item.case) if item.case is not None else None
 
 
 _worker_rules: Rules | None = None

@@ -51,7 +51,6 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
 from mode import Service
 
-from schemas.cases import HardCase
 from schemas.connections import aiokafka_options, redis_client
 from schemas.settings import Settings
 from schemas.topics import Topic
@@ -69,7 +68,7 @@ from streams.flywheel.ledger import (
 from streams.flywheel.metrics import StreamsMetrics
 from streams.flywheel.outputs import SOURCE_HEADER, Output, Source, partition_for
 from streams.flywheel.screen import MAX_REQUEST_BYTES
-from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted, hard_case_of
+from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted
 from streams.review.queue import CorrectionQueue
 
 log = logging.getLogger(__name__)
@@ -344,8 +343,8 @@ class RawLogStage(Service):
         records = [batch.records[i] for i in sorted(keep)]
         screened = await self._dedupe([screened_all[i] for i in sorted(keep)], records)
         # Step 3: queue the hard cases.
-        cases = [case for item in screened if (case := hard_case_of(item)) is not None]
-        await self._redis(lambda: self._enqueue(cases), "correction queue")
+        cases = [(item.case_id, item.case_priority, item.case) for item in screened if item.case and item.case_id]
+        await self._redis(lambda: self.queue.enqueue_encoded(cases), "correction queue")
         # Step 4: begin.
         spans: dict[TopicPartition, tuple[int, int]] = {}
         for record in records:
@@ -423,9 +422,6 @@ class RawLogStage(Service):
         for i, sighting in zip(passed, sightings, strict=True):
             adjusted_all[i] = adjusted(screened[i], records[i], sighting, self.screener.rules)
         return adjusted_all
-
-    async def _enqueue(self, cases: list[HardCase]) -> None:
-        await self.queue.enqueue_many(cases)
 
     async def _produce(self, outputs: list[Output], lease: WriterLease) -> None:
         """Write `outputs` in one batch per output partition and wait for every acknowledgement (while the writer

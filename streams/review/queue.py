@@ -276,13 +276,16 @@ class CorrectionQueue:
     async def enqueue_many(self, cases: Sequence[HardCase]) -> int:
         """`enqueue` for every case, in one round trip (one script call each, pipelined); how many were queued
         anew (not submitted before, not already queued or claimed)."""
+        return await self.enqueue_encoded([(case.case_id, case.priority, case.model_dump_json()) for case in cases])
+
+    async def enqueue_encoded(self, cases: Sequence[tuple[str, int, bytes | str]]) -> int:
+        """`enqueue_many` for cases already encoded, as (case id, priority, the `HardCase` JSON): the raw-log
+        stage has each case's JSON from screening and does not parse it back into a model."""
         if not cases:
             return 0
         pipeline = self.redis.pipeline(transaction=False)
-        for case in cases:
-            await self._enqueue(
-                keys=self.keys, args=[case.case_id, case.priority, case.model_dump_json()], client=pipeline
-            )
+        for case_id, priority, case_json in cases:
+            await self._enqueue(keys=self.keys, args=[case_id, priority, case_json], client=pipeline)
         return sum(1 for result in await pipeline.execute() if int(result) == QUEUED_ANEW)
 
     async def claim(self, reviewer: str, lease_s: float) -> Claim | None:
