@@ -17,8 +17,8 @@ processor feeds the model (`workers.tokens.smart_resize` gives that size).
 
 from __future__ import annotations
 
-import math
 import re
+from math import isfinite
 from typing import Literal
 
 BoxForm = Literal["xyxy", "xywh", "norm1", "norm1000"]
@@ -46,20 +46,53 @@ def parse_qwen_box_text(text: str) -> Box:
     match = QWEN_BOX_TEXT.fullmatch(text.strip())
     if match is None:
         raise BoxError("text is not <|box_start|>(x1,y1),(x2,y2)<|box_end|>")
-    x1, y1, x2, y2 = (float(group) for group in match.groups())
+    x1, y1, x2, y2 = map(float, match.groups())
     return x1, y1, x2, y2
+
+
+_PLAIN_NUMBERS = frozenset({int, float})
 
 
 def _four_numbers(values: object) -> Box:
     if not isinstance(values, list | tuple) or len(values) != 4:
         raise BoxError("expected a list of 4 numbers")
+    x1, y1, x2, y2 = values
+    if {type(x1), type(y1), type(x2), type(y2)} <= _PLAIN_NUMBERS:
+        # NOTE: the common box (plain ints and floats) is checked in one go; anything else, and every failure,
+        # goes through the loop below, which says what is wrong in the order the numbers come.
+        try:
+            box = float(x1), float(y1), float(x2), float(y2)
+        except OverflowError:
+            pass
+        else:
+            if _finite(box):
+                return box
     numbers = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _is_finite(value):
             raise BoxError("expected a list of 4 finite numbers")
         numbers.append(float(value))
     x1, y1, x2, y2 = numbers
     return x1, y1, x2, y2
+
+
+def _is_finite(value: float) -> bool:
+    """`isfinite`, False for an int beyond a float's range (JSON numbers have any number of digits)."""
+    try:
+        return isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _finite(box: Box) -> bool:
+    x1, y1, x2, y2 = box
+    return isfinite(x1) and isfinite(y1) and isfinite(x2) and isfinite(y2)
+
+
+def _tenth(value: float) -> float:
+    """`round(value, 1)`, bit for bit; a whole number (most pixel boxes) is returned as it is: `round` would give
+    that very float, at ten times the cost."""
+    return value if value.is_integer() else round(value, 1)
 
 
 def to_xyxy(values: object, form: BoxForm, *, width: int | None = None, height: int | None = None) -> Box:
@@ -73,16 +106,19 @@ def to_xyxy(values: object, form: BoxForm, *, width: int | None = None, height: 
     if form in RELATIVE_FORMS:
         if width is None or height is None:
             raise BoxError(f"a {form} box needs the image size, which the log does not give")
+        if not (_is_finite(width) and _is_finite(height)):
+            raise BoxError("box coordinates overflow")
         scale = 1.0 if form == "norm1" else float(GRID)
         a, b, c, d = a / scale * width, b / scale * height, c / scale * width, d / scale * height
     elif form == "xywh":
         if c < 0 or d < 0:
             raise BoxError("an [x, y, w, h] box has a negative width or height")
         c, d = a + c, b + d
-    box = (round(a, 1), round(b, 1), round(c, 1), round(d, 1))
-    if not all(math.isfinite(value) for value in box):
+    box = a, b, c, d
+    # NOTE: checked before rounding: rounding keeps finite numbers finite and infinities infinite.
+    if not _finite(box):
         raise BoxError("box coordinates overflow")
-    return box
+    return _tenth(a), _tenth(b), _tenth(c), _tenth(d)
 
 
 def from_xyxy(box: Box, form: BoxForm, *, width: int, height: int) -> Box:

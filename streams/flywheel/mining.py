@@ -123,4 +123,11 @@ def _boxes_outside_and_lowest_confidence(log: NormalizedLog, tolerance: float) -
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number a float can hold: an int beyond a float's range (JSON numbers have any number of digits)
+    is not one here, rather than an `OverflowError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -180,82 +180,90 @@ def _role(key: str) -> tuple[int, int]:
     return role
 
 
-class _Walk:
-    """One pass over an answer; collects where boxes or labels could not be read. Written for the common answer
-    (a few objects of a few keys each): types are tested with `type() is`, roles read from `_ROLES` inline."""
+_Answer = tuple[int | None, int | None, dict[str, str], list[str]]
+"""What the walk over one answer needs at each box (width, height, synonyms) and where it collects the problems
+met (errors). NOTE: a plain tuple: a class or named tuple costs more to make than a short answer costs to walk."""
 
-    __slots__ = ("errors", "height", "synonyms", "width")
 
-    def __init__(self, width: int | None, height: int | None, synonyms: dict[str, str]):
-        self.width = width
-        self.height = height
-        self.synonyms = synonyms
-        self.errors: list[str] = []
+Trail = tuple[Any, Any, bool] | None
+"""Where a value sits in the answer: `(outer trail, key or index, whether it is a list index)`, None at the top.
+NOTE: the walk passes trails, not path strings: a path is only written for an error, and most answers have none."""
 
-    def node(self, value: Any, path: str) -> Any:
-        """`value` with its objects normalized; containers without a change are returned as they are (the walk
-        copies only what it changes, and never walks a list of plain values such as a box)."""
-        if type(value) is dict:
-            return self.obj(value, path)
-        out = value
-        for index, item in enumerate(value):
-            kind = type(item)
-            if kind is dict or kind is list:
-                new = self.node(item, f"{path}[{index}]")
-                if new is not item:
-                    if out is value:
-                        out = list(value)
-                    out[index] = new
+
+def _walk_list(value: list[Any], answer: _Answer, trail: Trail) -> list[Any]:
+    """`value` with its objects normalized; a list without a change is returned as it is (the walk copies only what
+    it changes, and never walks a list of plain values such as a box). Written for the common answer (a few objects
+    of a few keys each): types are tested with `type() is`."""
+    out = value
+    for index, item in enumerate(value):
+        kind = type(item)
+        if kind is dict or kind is list:
+            inner = (trail, index, True)
+            new = _walk_dict(item, answer, inner) if kind is dict else _walk_list(item, answer, inner)
+            if new is not item:
+                if out is value:
+                    out = list(value)
+                out[index] = new
+    return out
+
+
+def _walk_dict(value: dict[str, Any], answer: _Answer, trail: Trail) -> dict[str, Any]:
+    """`_walk_list` for an object, which may be a detection: roles of keys are read from `_ROLES` inline."""
+    out = value
+    box: tuple[int, str] | None = None
+    """(rank, key) of the first box key in vocabulary order"""
+    label: tuple[int, str] | None = None
+    """the first (rank, key) of a label key with a text value"""
+    first_label: tuple[int, str] | None = None
+    """the first (rank, key) of any label key"""
+    for key, item in value.items():
+        kind = type(item)
+        if kind is dict or kind is list:
+            inner = (trail, key, False)
+            new = _walk_dict(item, answer, inner) if kind is dict else _walk_list(item, answer, inner)
+            if new is not item:
+                if out is value:
+                    out = dict(value)
+                out[key] = new
+        if type(key) is not str:
+            continue
+        role, rank = _ROLES.get(key) or _role(key)
+        if role == 1:
+            if box is None or rank < box[0]:
+                box = (rank, key)
+        elif role == 2:
+            if first_label is None or (rank, key) < first_label:
+                first_label = (rank, key)
+            if kind is str and (label is None or (rank, key) < label):
+                label = (rank, key)
+    if box is None:
         return out
+    if out is value:
+        out = dict(value)
+    rank, box_key = box
+    width, height, synonyms, errors = answer
+    try:
+        xyxy = to_xyxy(out[box_key], _BOX_FORMS[rank], width=width, height=height)
+    except BoxError as exc:
+        errors.append(f"{_join(_path(trail), box_key)}: {exc}")
+    else:
+        del out[box_key]
+        out["bbox_xyxy"] = list(xyxy)
+    if label is not None:
+        text = out.pop(label[1]).strip().lower()
+        out["label"] = synonyms.get(text, text)
+    elif first_label is not None:
+        errors.append(f"{_join(_path(trail), first_label[1])}: a label must be text")
+    return out
 
-    def obj(self, value: dict[str, Any], path: str) -> dict[str, Any]:
-        out = value
-        box: tuple[int, str] | None = None
-        """(rank, key) of the first box key in vocabulary order"""
-        label: tuple[int, str] | None = None
-        """the first (rank, key) of a label key with a text value"""
-        first_label: tuple[int, str] | None = None
-        """the first (rank, key) of any label key"""
-        for key, item in value.items():
-            kind = type(item)
-            if kind is dict or kind is list:
-                new = self.node(item, _join(path, key))
-                if new is not item:
-                    if out is value:
-                        out = dict(value)
-                    out[key] = new
-            if type(key) is not str:
-                continue
-            role, rank = _ROLES.get(key) or _role(key)
-            if role == 1:
-                if box is None or rank < box[0]:
-                    box = (rank, key)
-            elif role == 2:
-                if first_label is None or (rank, key) < first_label:
-                    first_label = (rank, key)
-                if kind is str and (label is None or (rank, key) < label):
-                    label = (rank, key)
-        if box is None:
-            return out
-        if out is value:
-            out = dict(value)
-        rank, box_key = box
-        try:
-            xyxy = to_xyxy(out[box_key], _BOX_FORMS[rank], width=self.width, height=self.height)
-        except BoxError as exc:
-            self.errors.append(f"{_join(path, box_key)}: {exc}")
-        else:
-            del out[box_key]
-            out["bbox_xyxy"] = list(xyxy)
-        if label is not None:
-            out["label"] = self.label(out.pop(label[1]))
-        elif first_label is not None:
-            self.errors.append(f"{_join(path, first_label[1])}: a label must be text")
-        return out
 
-    def label(self, text: str) -> str:
-        key = text.strip().lower()
-        return self.synonyms.get(key, key)
+def _path(trail: Trail) -> str:
+    """A trail as errors name it: `objects[0].box`."""
+    if trail is None:
+        return ""
+    outer, step, is_index = trail
+    path = _path(outer)
+    return f"{path}[{step}]" if is_index else _join(path, step)
 
 
 def normalize_objects(
@@ -267,8 +275,11 @@ def normalize_objects(
 
     Returns the new value (the very input where nothing changed: only what changes is copied) and the problems met
     (`path: reason`); an object whose box cannot be read keeps it."""
-    walk = _Walk(width, height, {k.strip().lower(): v.strip().lower() for k, v in synonyms.items()})
-    return walk.node(value, ""), walk.errors
+    errors: list[str] = []
+    answer = (width, height, {k.strip().lower(): v.strip().lower() for k, v in synonyms.items()}, errors)
+    if type(value) is dict:
+        return _walk_dict(value, answer, None), errors
+    return _walk_list(value, answer, None), errors  # type: ignore[arg-type]  # a dict subclass is walked as a list
 
 
 @lru_cache(maxsize=4096)

@@ -31,10 +31,11 @@ or over-large repeats) is refused when the file is loaded, with one line naming 
 
 from __future__ import annotations
 
-import math
+import operator
 from collections.abc import Callable
 from functools import cached_property, lru_cache, reduce
 from importlib import resources
+from math import isfinite
 from pathlib import Path
 from typing import Annotated, Any, Self
 
@@ -92,50 +93,64 @@ class Condition(BaseModel):
 
     def holds(self, record: Any) -> bool:
         """Whether this condition holds for `record`: a normalized log, or the same dumped to JSON types."""
-        return self.predicate(record)
+        return self.predicate(record.__dict__ if isinstance(record, BaseModel) else record)
 
     @cached_property
-    def predicate(self) -> Callable[[Any], bool]:
-        """This condition as one closure, built once: evaluating it makes no attribute or `None` checks and
-        creates no generators (`all`/`any` are chained `and`/`or`); a field test reads its field itself, the path
-        split once."""
+    def predicate(self) -> Predicate:
+        """This condition as one closure over a log's fields, built once: evaluating it makes no attribute or `None`
+        checks and creates no generators (`all`/`any` are chained `and`/`or`); a field test reads its field itself,
+        the path split once."""
         if self.all_ is not None:
             return reduce(_both, [condition.predicate for condition in self.all_])
         if self.any_ is not None:
             return reduce(_either, [condition.predicate for condition in self.any_])
         if self.not_ is not None:
             inner = self.not_.predicate
-            return lambda record: not inner(record)
+            return lambda fields: not inner(fields)
         assert self.field is not None
         read = _reader(self.field)
         if self.missing is not None:
-            missing = self.missing
-            return lambda record: _is_missing(read(record)) == missing
+            return _missing(read, self.missing)
         if self.in_ is not None:
             values = self.in_
-            return lambda record: _json_form(read(record)) in values
+            return lambda fields: (value if type(value := read(fields)) in _PLAIN else _json_form(value)) in values
         if self.pattern is not None:
             found_in = self.pattern.found_in
-            return lambda record: isinstance(value := read(record), str) and found_in(value)
+            return lambda fields: isinstance(value := read(fields), str) and found_in(value)
         if self.less_than is not None:
-            bound = self.less_than
-            return lambda record: _is_number(value := read(record)) and value < bound
+            return _beyond(read, operator.lt, self.less_than)
         if self.greater_than is not None:
-            bound = self.greater_than
-            return lambda record: _is_number(value := read(record)) and value > bound
+            return _beyond(read, operator.gt, self.greater_than)
         if self.longer_than is not None:
             length = self.longer_than
-            return lambda record: isinstance(value := read(record), str | list) and len(value) > length
+            return lambda fields: isinstance(value := read(fields), str | list) and len(value) > length
         expected = self.equals
-        return lambda record: bool(_json_form(read(record)) == expected)
+        return lambda fields: (value if type(value := read(fields)) in _PLAIN else _json_form(value)) == expected
 
 
-def _both(first: Callable[[Any], bool], second: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda record: first(record) and second(record)
+Fields = dict[str, Any]
+"""A normalized log's fields by name: its `__dict__` (where a pydantic model keeps exactly its fields, all of them),
+or the log dumped (`model_dump`, every field)."""
+Predicate = Callable[[Fields], bool]
 
 
-def _either(first: Callable[[Any], bool], second: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda record: first(record) or second(record)
+def _beyond(read: Callable[[Fields], Any], compare: Callable[[Any, float], bool], bound: float) -> Predicate:
+    """`_is_number(value) and compare(value, bound)`, with no call of a Python function for a float (most values)."""
+    # NOTE: for a float `_is_number` is `isfinite`, which then runs only when the comparison holds (seldom: most
+    # values are in bounds); other types take the general test.
+    return lambda fields: (
+        (compare(value, bound) and isfinite(value))
+        if type(value := read(fields)) is float
+        else (_is_number(value) and compare(value, bound))
+    )
+
+
+def _both(first: Predicate, second: Predicate) -> Predicate:
+    return lambda fields: first(fields) and second(fields)
+
+
+def _either(first: Predicate, second: Predicate) -> Predicate:
+    return lambda fields: first(fields) or second(fields)
 
 
 _JSON_FORM: TypeAdapter[Any] = TypeAdapter(Any)
@@ -144,8 +159,9 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def _json_form(value: Any) -> Any:
-    """What `model_dump(mode="json")` makes of a value read from a log: times as ISO text, models as objects."""
-    return value if type(value) in _PLAIN else _JSON_FORM.dump_python(value, mode="json")
+    """What `model_dump(mode="json")` makes of a value read from a log: times as ISO text, models as objects. Values
+    of a `_PLAIN` type are their own JSON form: callers test that first (inline, as most values are plain)."""
+    return _JSON_FORM.dump_python(value, mode="json")
 
 
 class LinearPattern:
@@ -174,17 +190,16 @@ def lookup(record: Any, path: str) -> Any:
     return _lookup(record, path.split("."))
 
 
-def _reader(path: str) -> Callable[[Any], Any]:
-    """`lookup` at `path` as a closure; a field of the log itself (most rules) is read without a loop."""
+def _reader(path: str) -> Callable[[Fields], Any]:
+    """`lookup` at `path` over a log's fields, as one callable built once."""
     parts = path.split(".")
     if len(parts) > 1:
-        return lambda record: _lookup(record, parts)
-    name = parts[0]
-    return lambda record: (
-        (getattr(record, name) if name in type(record).__pydantic_fields__ else None)
-        if isinstance(record, BaseModel)
-        else _lookup(record, parts)
-    )
+        return lambda fields: _lookup(fields, parts)
+    # NOTE: a field of the log itself (most rules) is read by `itemgetter`, one C call: every log's fields hold
+    # every field of `NormalizedLog`, so only a name that is none of them needs the `None` of a path leading nowhere.
+    if path in NormalizedLog.model_fields:
+        return operator.itemgetter(path)
+    return lambda fields: None
 
 
 def _lookup(record: Any, parts: list[str]) -> Any:
@@ -201,14 +216,33 @@ def _lookup(record: Any, parts: list[str]) -> Any:
     return current
 
 
-def _is_missing(value: Any) -> bool:
-    if isinstance(value, str):
-        return not value.strip()
-    return value is None or value == [] or value == {}
+def _missing(read: Callable[[Fields], Any], missing: bool) -> Predicate:
+    """Whether the field is absent, null, blank text or an empty list/object (`missing` true), or not: one call per
+    test, the commonest kinds of value first. Text is blank when `strip()` leaves nothing, which `isspace` tells
+    without copying it (it stops at the first other character)."""
+
+    def holds(fields: Fields) -> bool:
+        value = read(fields)
+        if value is None:
+            return missing
+        if isinstance(value, str):
+            return (not value or value.isspace()) == missing
+        if type(value) in _CONTAINERS:
+            return (not value) == missing
+        return (value == [] or value == {}) == missing
+
+    return holds
+
+
+_CONTAINERS = (list, dict)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number. Every int is one, whatever its size (`isfinite` would raise for one beyond a float's
+    range, and Python compares such ints with a float bound exactly)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and isfinite(value))
 
 
 class Rule(BaseModel):
@@ -234,14 +268,15 @@ class RuleSet(BaseModel):
 
     def first_match(self, log: NormalizedLog) -> Rule | None:
         """The first rule whose condition holds for `log`, or None when the log passes. Fields are read from the
-        model as the rules need them (no dump of the whole log)."""
+        model's `__dict__` as the rules need them (no dump of the whole log, no attribute lookups)."""
+        fields = log.__dict__
         for rule, holds in self._predicates:
-            if holds(log):
+            if holds(fields):
                 return rule
         return None
 
     @cached_property
-    def _predicates(self) -> list[tuple[Rule, Callable[[Any], bool]]]:
+    def _predicates(self) -> list[tuple[Rule, Predicate]]:
         return [(rule, rule.when.predicate) for rule in self.rules]
 
 

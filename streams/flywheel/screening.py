@@ -90,8 +90,10 @@ def screen_record(record: RawRecord, rules: Rules) -> Screened:
     """Screen, encode and mine one raw record; a defect in vlmflow becomes its `internal_error` rejection."""
     lineage = record.lineage
     try:
-        outcome = screen(record.value, lineage=lineage, config=rules.config)
+        return _screened(screen(record.value, lineage=lineage, config=rules.config), record.value, rules)
     except Exception as exc:
+        # NOTE: encoding and mining are covered too: a record they cannot handle would otherwise fail its whole
+        # batch on every try. A rejection is only encoded (its original bounded), never mined.
         log.exception("defect while screening %s[%d]@%d", record.topic, record.partition, record.offset)
         outcome = rejection(
             record.value or b"", lineage, code="internal_error", detail=type(exc).__name__, config=rules.config

@@ -93,3 +93,10 @@ def test_threshold_score_and_priority() -> None:
 
 def test_priority_is_the_score_in_hundredths() -> None:
     assert [priority(score) for score in (0.0, 1.0, 1.234, 2.5)] == [0, 100, 123, 250]
+
+
+def test_numbers_beyond_a_floats_range_are_not_boxes_or_confidences() -> None:
+    """With redaction off, an answer may keep a 400-digit number: mining must not raise on it."""
+    huge = 10**400
+    output = {"objects": [{"label": "cat", "bbox_xyxy": [10.0, 10.0, 100.0, huge], "confidence": huge}]}
+    assert names({"output": output}) == []
