@@ -248,7 +248,8 @@ class StreamsSettings(_Section):
     """Prometheus metrics of `vlmflow streams` (0 picks a free port, logged at start)."""
     screen_processes: Annotated[int, Field(ge=0)] = 0
     """Worker processes that screen raw logs (CPU-bound) for each `vlmflow streams`; 0 (the default) screens in the
-    stage's own process, which measured faster on the shared 2-core development machine (docs/flywheel.md)."""
+    stage's own process. A pool uses cores beyond the member's own (2 gave 1.02x Quix Streams against 0.68x
+    in-process on the 2-core development machine, docs/flywheel.md): set it when a member has cores to itself."""
 
 
 class LabelStudioSettings(_Section):

@@ -13,13 +13,14 @@ A batch, in the stage's order:
 
     1. read the entries (`read`); `Plan`: records at or below `done` are skipped; when an earlier batch was left
        unfinished (`pending` beyond `done`), its outputs are looked up on the output partitions from `scan_from`
-       by their source header (`find_written`), and the records found are skipped too
+       by their source header (`find_written`), and only the outputs not found there are written
     2. (the stage screens, dedupes, mines and queues what is left)
     3. `begin`: pending := the batch's offsets, scan_from := the known ends of the output partitions
     4. (the stage produces and waits for every acknowledgement)
     5. `finish`: done := the batch's last offset, pending cleared
 
-A member killed between 3 and 5 leaves `pending`; the next owner writes only what did not reach the broker. A
+A member killed between 3 and 5 leaves `pending`; the next owner writes only what did not reach the broker (output by
+output: a record's outcome may be there and its hard case not). A
 compare-and-set that fails means another member wrote the entry since step 1 (the partition moved meanwhile):
 nothing of that partition is written, and the caller takes its records again from step 1.
 
@@ -308,14 +309,15 @@ async def find_written(
     offsets: tuple[int, int],
     *,
     stall_timeout_s: float,
-) -> set[int]:
-    """The offsets in `offsets` (inclusive) of `source_topic[source_partition]` whose outputs are on the output
-    partitions, read from `starts` to each partition's high watermark (from fetch responses: the local broker's
-    ListOffsets answer is only a lower bound). `consumer` is outside any group; it is reassigned."""
+) -> dict[int, set[str]]:
+    """The offsets in `offsets` (inclusive) of `source_topic[source_partition]` with outputs on the output
+    partitions -> the topics those are on, read from `starts` to each partition's high watermark (from fetch
+    responses: the local broker's ListOffsets answer is only a lower bound). `consumer` is outside any group; it
+    is reassigned."""
     consumer.assign(list(starts))
     for tp, offset in starts.items():
         consumer.seek(tp, offset)
-    found: set[int] = set()
+    found: dict[int, set[str]] = {}
     remaining = set(starts)
     last_moved, positions = time.monotonic(), dict[TopicPartition, int]()
     while remaining:
@@ -329,7 +331,7 @@ async def find_written(
                     and source.partition == source_partition
                     and offsets[0] <= source.offset <= offsets[1]
                 ):
-                    found.add(source.offset)
+                    found.setdefault(source.offset, set()).add(record.topic)
         now_positions = {tp: await consumer.position(tp) for tp in remaining}
         for tp in list(remaining):
             highwater = consumer.highwater(tp)

@@ -10,7 +10,8 @@ Faust worker as a `mode.Service`, in a consumer group of its own (`<app_id>`), a
 
 One batch (`_handle`), in order:
 
-    1. ledger: skip records whose outputs are already written (a redelivery after a crash or a rebalance); wait
+    1. ledger: skip records whose outputs are already written (a redelivery after a crash or a rebalance); of an
+       unfinished batch, find which outputs reached the broker (an outcome may have, its hard case not); wait
        while another member still writes an unfinished batch of the same partition
     2. screen every other record (pure), sight the normalized ones in Redis (dedupe, tries), mine hard cases
     3. queue the hard cases (idempotent per case id)
@@ -85,6 +86,8 @@ BUSY_POLL_S = 0.2
 STOP_TIMEOUT_S = 30.0
 """On stop, how long the batch in progress may take to finish before the stage is cancelled."""
 OUTPUT_TOPICS = (Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED, Topic.CASES_HARD)
+OUTCOME_TOPICS = frozenset({Topic.LOGS_NORMALIZED, Topic.LOGS_REJECTED})
+"""Where a raw record's one outcome goes (its hard case, if any, goes to `vlm.cases.hard` besides)."""
 WATCH_INTERVAL_S = 10.0
 FETCH_STALL_S = 60.0
 """A partition held this long without one fetch answer (a healthy fetcher answers within a second) is stuck."""
@@ -331,17 +334,25 @@ class RawLogStage(Service):
         # Step 1: what the ledger says is written already.
         entries = await self._read_ledger(list(by_tp))
         keep: list[int] = []
+        found: dict[int, set[str]] = {}
+        """batch index -> the output topics of that record an unfinished batch already wrote"""
         for tp, indexes in by_tp.items():
             written = await self._written(tp, entries[tp])
             done = entries[tp].done
-            keep += [i for i in indexes if batch.records[i].offset > done and batch.records[i].offset not in written]
-        skipped = len(batch.records) - len(keep)
+            for i in indexes:
+                if batch.records[i].offset > done:
+                    keep.append(i)
+                    if topics := written.get(batch.records[i].offset):
+                        found[i] = topics
+        skipped = len(batch.records) - len(keep) + sum(1 for topics in found.values() if topics & OUTCOME_TOPICS)
         self.counts.redelivered += skipped
         self.metrics.redelivered.labels(AGENT).inc(skipped)
         # Step 2: screened and mined by the worker processes (started when fetched), dedupe here.
         screened_all = await batch.screening
-        records = [batch.records[i] for i in sorted(keep)]
-        screened = await self._dedupe([screened_all[i] for i in sorted(keep)], records)
+        keep.sort()
+        records = [batch.records[i] for i in keep]
+        befores = [found.get(i, set()) for i in keep]
+        screened = await self._dedupe([screened_all[i] for i in keep], records)
         # Step 3: queue the hard cases.
         cases = [(item.case_id, item.case_priority, item.case) for item in screened if item.case and item.case_id]
         await self._redis(lambda: self.queue.enqueue_encoded(cases), "correction queue")
@@ -361,15 +372,20 @@ class RawLogStage(Service):
         async with WriterLease(self.ledger, owned, self.writer_ttl_s, taken_at) as lease:
             # Step 5: produce, wait for every acknowledgement.
             sent = [
-                (item, record)
-                for item, record in zip(screened, records, strict=True)
+                (item, record, before)
+                for item, record, before in zip(screened, records, befores, strict=True)
                 if TopicPartition(record.topic, record.partition) in owned
             ]
-            await self._produce([output for item, record in sent for output in _outputs(item, record)], lease)
+            outputs = [output for item, record, before in sent for output in _outputs(item, record, before)]
+            await self._produce(outputs, lease)
             # Step 6: finish, commit.
             finished = {tp: (begun[tp], self.ledger.finished(begun[tp])) for tp in owned}
             written = await self._redis(lambda: self.ledger.write(finished), "ledger")
-        self._count(item for item, record in sent if TopicPartition(record.topic, record.partition) in written)
+        self._count(
+            item
+            for item, record, before in sent
+            if TopicPartition(record.topic, record.partition) in written and not before & OUTCOME_TOPICS
+        )
         unwritten = set(spans) - written
         # NOTE: a partition with nothing left to write (every record skipped) is committed as well.
         await self._commit({tp: batch.records[ixs[-1]].offset + 1 for tp, ixs in by_tp.items() if tp not in unwritten})
@@ -396,11 +412,12 @@ class RawLogStage(Service):
                 log.info("waiting %.0f s so far for %s to finish writing", now - waited_since, writers)
             await asyncio.sleep(BUSY_POLL_S)
 
-    async def _written(self, tp: TopicPartition, entry: LedgerEntry) -> set[int]:
-        """The offsets of an unfinished batch of `tp` whose outputs reached the broker (empty when none is)."""
+    async def _written(self, tp: TopicPartition, entry: LedgerEntry) -> dict[int, set[str]]:
+        """The offsets of an unfinished batch of `tp` with outputs on the broker -> the topics holding them (empty
+        when there is no such batch)."""
         span = plan(entry).look_up
         if span is None:
-            return set()
+            return {}
         starts = {}
         for text, offset in entry.scan_from.items():
             topic, _, partition = text.rpartition(":")
@@ -552,12 +569,16 @@ def _keys(item: Screened) -> tuple[str, str]:
     return item.content_hash, item.request_fingerprint
 
 
-def _outputs(item: Screened, record: RawRecord) -> list[Output]:
-    """The records one raw record becomes (keyed by log id on all three topics, as the registry says)."""
+def _outputs(item: Screened, record: RawRecord, written: set[str]) -> list[Output]:
+    """The records one raw record becomes (keyed by log id on all three topics, as the registry says), less those
+    an unfinished batch already wrote (`written`: their topics). Its outcome is written once whichever outcome
+    topic holds it; its hard case goes apart, as a killed member may have written one and not the other."""
     source = Source(record.topic, record.partition, record.offset)
     key = item.log_id.encode()
-    topic = Topic.LOGS_NORMALIZED if item.kind == "normalized" else Topic.LOGS_REJECTED
-    outputs = [Output(topic, key, item.value, source)]
-    if item.case is not None:
+    outputs = []
+    if written.isdisjoint(OUTCOME_TOPICS):
+        topic = Topic.LOGS_NORMALIZED if item.kind == "normalized" else Topic.LOGS_REJECTED
+        outputs.append(Output(topic, key, item.value, source))
+    if item.case is not None and Topic.CASES_HARD not in written:
         outputs.append(Output(Topic.CASES_HARD, key, item.case, source))
     return outputs

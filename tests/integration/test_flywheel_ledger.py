@@ -9,6 +9,7 @@ import json
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from aiokafka.structs import TopicPartition
 from kafka import KafkaProducer
 from redis.asyncio import Redis
 
+from schemas.cases import HardCase
 from schemas.codec import key_of
 from schemas.logs import Lineage, NormalizedLog
 from schemas.settings import Settings
@@ -40,6 +42,11 @@ def raw_log(index: int) -> bytes:
                        "ans": json.dumps({"caption": f"thing {index}"})}).encode()  # fmt: skip
 
 
+def hard_raw_log(index: int) -> bytes:
+    """A raw log whose normalized log is a hard case (its answer is not JSON)."""
+    return json.dumps({**json.loads(raw_log(index)), "ans": f"no JSON here {index}"}).encode()
+
+
 def test_an_unfinished_batch_is_completed_without_writing_twice(settings: Settings, tmp_path: Path) -> None:
     settings = _own_group(settings)
     partition, offsets = _raw_logs(settings)
@@ -54,6 +61,28 @@ def test_an_unfinished_batch_is_completed_without_writing_twice(settings: Settin
     assert sorted(records) == offsets
     assert sorted(o for o, h in records.items() if h.get("x-test") == DEAD_MEMBER) == outputs_of_dead_member
     assert f"had {WRITTEN_BEFORE} records written" in log_path.read_text()
+
+
+def test_an_outcome_written_without_its_hard_case_gets_only_the_hard_case(settings: Settings, tmp_path: Path) -> None:
+    """A member killed mid-batch may have written a record's normalized log and not its hard case (they go to
+    different topics): the next member writes the hard case, and not the normalized log again."""
+    settings = _own_group(settings)
+    partition, offsets = _raw_logs(settings, hard_raw_log)
+    _write_outputs(settings, partition, offsets, DEAD_MEMBER, hard_raw_log)
+    asyncio.run(_begin(settings, DEAD_MEMBER, partition, offsets, writer_ttl_s=0.0))
+
+    log_path = tmp_path / "streams.log"
+    with streams_worker(settings, log_path) as worker:
+        read_topics(
+            settings, [Topic.CASES_HARD], lambda f: worker.poll() is not None or len(f[Topic.CASES_HARD]) >= LOGS, 60
+        )
+        records = _read_outcomes(settings, worker, log_path)
+    assert sorted(records) == offsets and all(h.get("x-test") == DEAD_MEMBER for h in records.values())
+    time.sleep(3)  # a hard case written twice would arrive now
+    cases = read_topics(settings, [Topic.CASES_HARD], lambda _: False, 3)[Topic.CASES_HARD]
+    lineages = sorted(HardCase.model_validate_json(r.value).log.lineage.offset for r in cases)  # type: ignore[union-attr]
+    assert lineages == offsets, "each record's hard case once"
+    assert f"had {LOGS} records written" in log_path.read_text()
 
 
 def test_a_member_still_writing_its_batch_is_waited_for(settings: Settings, tmp_path: Path) -> None:
@@ -86,22 +115,25 @@ def _own_group(settings: Settings) -> Settings:
     return settings.model_copy(update={"streams": streams})
 
 
-def _raw_logs(settings: Settings) -> tuple[int, list[int]]:
+def _raw_logs(settings: Settings, make: Callable[[int], bytes] = raw_log) -> tuple[int, list[int]]:
     """`LOGS` raw logs on one partition: the partition and their offsets."""
-    placed = produce(settings, [PlannedLog(b"one-key", raw_log(i), "normalized") for i in range(LOGS)])
+    placed = produce(settings, [PlannedLog(b"one-key", make(i), "normalized") for i in range(LOGS)])
     (partition,) = {at[0] for at in placed}
     return partition, sorted(offset for _, offset in placed)
 
 
-def _write_outputs(settings: Settings, partition: int, offsets: list[int], member: bytes) -> None:
-    """The outputs a member of the stage writes for these raw records, tagged with the member's name."""
+def _write_outputs(
+    settings: Settings, partition: int, offsets: list[int], member: bytes, make: Callable[[int], bytes] = raw_log
+) -> None:
+    """The normalized logs a member of the stage writes for these raw records (not their hard cases), tagged with
+    the member's name."""
     config = ScreenConfig.from_settings(settings.streams)
     producer = KafkaProducer(**settings.kafka.client_options(), acks="all")
     for offset in offsets:
-        outcome = screen(raw_log(offset), lineage=Lineage(topic=Topic.LOGS_RAW, partition=partition, offset=offset),
+        outcome = screen(make(offset), lineage=Lineage(topic=Topic.LOGS_RAW, partition=partition, offset=offset),
                          config=config)  # fmt: skip
         assert isinstance(outcome, NormalizedLog)
-        _, value = encode_outcome(outcome, raw_log(offset), config)
+        _, value = encode_outcome(outcome, make(offset), config)
         key = key_of(Topic.LOGS_NORMALIZED, outcome)
         headers = [(SOURCE_HEADER, Source(Topic.LOGS_RAW, partition, offset).header()), ("x-test", member)]
         producer.send(Topic.LOGS_NORMALIZED, key=key, value=value, headers=headers,
