@@ -69,15 +69,16 @@ def _four_numbers(values: object) -> Box:
                 return box
     numbers = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not _is_finite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite(value):
             raise BoxError("expected a list of 4 finite numbers")
         numbers.append(float(value))
     x1, y1, x2, y2 = numbers
     return x1, y1, x2, y2
 
 
-def _is_finite(value: float) -> bool:
-    """`isfinite`, False for an int beyond a float's range (JSON numbers have any number of digits)."""
+def is_finite(value: float) -> bool:
+    """`isfinite`, False for an int beyond a float's range (JSON numbers have any number of digits): shared by
+    every reader of numbers from logs and answers."""
     try:
         return isfinite(value)
     except OverflowError:
@@ -106,7 +107,7 @@ def to_xyxy(values: object, form: BoxForm, *, width: int | None = None, height: 
     if form in RELATIVE_FORMS:
         if width is None or height is None:
             raise BoxError(f"a {form} box needs the image size, which the log does not give")
-        if not (_is_finite(width) and _is_finite(height)):
+        if not (is_finite(width) and is_finite(height)):
             raise BoxError("box coordinates overflow")
         scale = 1.0 if form == "norm1" else float(GRID)
         a, b, c, d = a / scale * width, b / scale * height, c / scale * width, d / scale * height

@@ -17,10 +17,10 @@ Signals (their weights live in `settings.streams.mining.weights`):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
+from schemas.boxes import is_finite
 from schemas.cases import HardCase, Signal
 from schemas.logs import NormalizedLog
 from schemas.settings import MiningSettings
@@ -125,9 +125,4 @@ def _boxes_outside_and_lowest_confidence(log: NormalizedLog, tolerance: float) -
 def _is_number(value: Any) -> bool:
     """A finite number a float can hold: an int beyond a float's range (JSON numbers have any number of digits)
     is not one here, rather than an `OverflowError`."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+    return isinstance(value, int | float) and not isinstance(value, bool) and is_finite(value)

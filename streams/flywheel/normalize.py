@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -21,6 +20,7 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from pydantic import BaseModel, ValidationError
 
+from schemas.boxes import is_finite
 from schemas.errors import InvalidLog, first_error
 from schemas.logs import Feedback, ImageInfo, InvalidLogCode, JobEvent, Lineage, NormalizedLog, SourceFormat
 from streams.flywheel.jsontext import JsonConstant, canonical, loads
@@ -191,17 +191,9 @@ _DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {
 def _text(value: object, path: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool) and _finite(value):
+    if isinstance(value, int | float) and not isinstance(value, bool) and is_finite(value):
         return str(value)
     _fail("invalid_field", f"{path}: expected text, got {type(value).__name__}")
-
-
-def _finite(value: float) -> bool:
-    """`math.isfinite`, False for an int beyond a float's range (JSON allows any number of digits)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _object(value: object, path: str) -> dict[str, Any]:
@@ -212,13 +204,13 @@ def _object(value: object, path: str) -> dict[str, Any]:
 
 def _number(value: object, path: str) -> float | None:
     """A finite number, from a JSON number or numeric text."""
-    if type(value) is int and _finite(value):
+    if type(value) is int and is_finite(value):
         return float(value)
     if value is None:
         return None
     if isinstance(value, str) and _NUMERIC.match(value):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite(value):
         _fail("invalid_field", f"{path}: expected a number")
     return float(value)
 
