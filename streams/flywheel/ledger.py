@@ -19,10 +19,10 @@ A batch, in the stage's order:
     4. (the stage produces and waits for every acknowledgement)
     5. `finish`: done := the batch's last offset, pending cleared
 
-A member killed between 3 and 5 leaves `pending`; the next owner writes only what did not reach the broker (output by
-output: a record's outcome may be there and its hard case not). A
-compare-and-set that fails means another member wrote the entry since step 1 (the partition moved meanwhile):
-nothing of that partition is written, and the caller takes its records again from step 1.
+A member killed between 3 and 5 leaves `pending`; the next owner writes only what did not reach the broker, output
+by output (a record's outcome may be there and its hard case not). A compare-and-set that fails means another
+member wrote the entry since step 1 (the partition moved meanwhile): nothing of that partition is written, and the
+caller takes its records again from step 1.
 
 The writer lease: step 3 also takes a lease on the partition (a Redis key with a TTL, renewed by `WriterLease`
 while the batch is written; step 5 gives it back). A member that finds an unfinished batch whose writer still
