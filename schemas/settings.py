@@ -246,10 +246,10 @@ class StreamsSettings(_Section):
     """How often the worker logs its counts (normalized, rejected by code, hard cases)."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9465
     """Prometheus metrics of `vlmflow streams` (0 picks a free port, logged at start)."""
-    screen_processes: Annotated[int, Field(ge=0)] = 0
-    """Worker processes that screen raw logs (CPU-bound) for each `vlmflow streams`; 0 (the default) screens in the
-    stage's own process. A pool uses cores beyond the member's own (2 gave 1.02x Quix Streams against 0.68x
-    in-process on the 2-core development machine, docs/flywheel.md): set it when a member has cores to itself."""
+    screen_processes: Annotated[int, Field(ge=0)] | None = None
+    """Worker processes that screen raw logs (CPU-bound) for each `vlmflow streams`. None (the default): one per
+    CPU the member may use (its CPU affinity, capped by a cgroup CPU limit), none on a single CPU; 0 screens in
+    the stage's own process. Set it lower when several members share a host's CPUs (docs/flywheel.md)."""
 
 
 class LabelStudioSettings(_Section):

@@ -3,19 +3,26 @@
 Screening (normalize, rules, PII redaction), encoding the outcome, hashing it for dedupe and mining it are pure and
 take most of the stage's time, so the stage hands batches of raw records to a pool of `screen_processes` worker
 processes (`Screener`) and keeps the I/O (Kafka, Redis) in its own process. What crosses the process boundary is
-plain data: raw bytes in, `Screened` records (encoded bytes, hashes, ids) out, never pydantic models.
+plain data: raw bytes in, `Screened` records (encoded bytes, hashes, ids) out, never pydantic models. By default
+the pool has one process per CPU the member may use (`screen_process_count`): the stage's own process mostly waits
+on Redis and the broker, so on 2 CPUs two screening processes and the stage share them without idling.
 
 A worker decides with `attempt` as the log carries it; when dedupe then finds earlier tries of the same request
 (or a duplicate), the stage adjusts that one record itself (`adjusted`, rare). Failure policy: a defect met while
 screening one record becomes that record's `internal_error` rejection; a pool that broke (a worker killed) is
-replaced and the batch screened again; with `screen_processes` 0 the stage screens in its own process.
+replaced and the batch screened again; with `screen_processes` 0 the stage screens in its own process. A worker
+process exits when the member does, even one killed with SIGKILL (it watches its parent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -32,6 +39,50 @@ log = logging.getLogger(__name__)
 
 CHUNKS_PER_PROCESS = 2
 """A batch is cut into this many chunks per worker process, so that a slow chunk does not idle the others."""
+CGROUP_CPU_MAX = (
+    "/sys/fs/cgroup/cpu.max",
+    "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+    "/sys/fs/cgroup/cpu/cpu.cfs_period_us",
+)
+"""Where a container's CPU limit is read: cgroup v2 (`quota period`), or v1 (quota and period apart)."""
+
+
+def screen_process_count(setting: int | None) -> int:
+    """The screening processes to start: `setting` when given, else one per usable CPU, or 0 with a single one
+    (a pool on one CPU only adds the hand-over)."""
+    if setting is not None:
+        return setting
+    cpus = usable_cpus()
+    return cpus if cpus > 1 else 0
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), capped by its cgroup's CPU limit when it has one."""
+    cpus = len(os.sched_getaffinity(0))
+    limit = cgroup_cpu_limit(*(_read(path) for path in CGROUP_CPU_MAX))
+    return max(1, min(cpus, limit)) if limit is not None else cpus
+
+
+def cgroup_cpu_limit(v2_max: str | None, v1_quota: str | None, v1_period: str | None) -> int | None:
+    """Whole CPUs of a cgroup CPU limit (at least 1), from the text of cgroup v2's `cpu.max` ("max 100000" when
+    unlimited, "150000 100000" for 1.5 CPUs) or v1's quota ("-1" when unlimited) and period; None without one."""
+    if v2_max is not None:
+        quota, _, period = v2_max.strip().partition(" ")
+    elif v1_quota is not None and v1_period is not None:
+        quota, period = v1_quota.strip(), v1_period.strip()
+    else:
+        return None
+    if quota in ("max", "-1") or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return max(1, math.floor(int(quota) / int(period)))
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as file:
+            return file.read()
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +194,16 @@ _worker_rules: Rules | None = None
 def _start_worker(streams_json: str) -> None:
     global _worker_rules
     _worker_rules = Rules.from_settings(StreamsSettings.model_validate_json(streams_json))
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with(parent_sentinel: int) -> None:
+    """End this worker process when its parent ends. A pool's worker waits for work on a queue whose writing end
+    it holds itself, so a member killed with SIGKILL would otherwise leave its screening processes behind."""
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
 
 
 def _screen_chunk(records: list[RawRecord]) -> list[Screened]:
@@ -153,10 +214,10 @@ def _screen_chunk(records: list[RawRecord]) -> list[Screened]:
 class Screener:
     """Screens batches on a pool of worker processes (or in this process with `processes` 0)."""
 
-    def __init__(self, streams: StreamsSettings, processes: int):
+    def __init__(self, streams: StreamsSettings, processes: int | None):
         self.streams = streams
         self.rules = Rules.from_settings(streams)
-        self.processes = processes
+        self.processes = screen_process_count(processes)
         self._pool: ProcessPoolExecutor | None = None
 
     def _started_pool(self) -> ProcessPoolExecutor:

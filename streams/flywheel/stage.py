@@ -76,10 +76,14 @@ log = logging.getLogger(__name__)
 
 AGENT = "raw"
 """The stage's name in metrics."""
-BATCH_MAX = 500
-"""Records taken at once: dedupe, the ledger and the queue cost one Redis round trip per batch, not per log."""
+BATCH_MAX = 2000
+"""Records taken at once: dedupe, the ledger and the queue cost one Redis round trip per batch, not per log, and
+each batch waits once for the broker's acknowledgements (2,000 went 15-25% faster than 500 on the benchmark)."""
 POLL_TIMEOUT_MS = 200
 PRODUCER_LINGER_MS = 5
+PRODUCER_BATCH_BYTES = 256 * 1024
+"""The producer's batch size per partition. aiokafka holds one batch per partition until it is sent, so with its
+default (16 kB, about 15 outputs) a batch's outputs went out a linger at a time: half of the stage's time."""
 SCAN_STALL_TIMEOUT_S = 60.0
 BUSY_POLL_S = 0.2
 """How often step 1 looks again at a partition whose unfinished batch another member is still writing."""
@@ -167,7 +171,11 @@ class RawLogStage(Service):
         session_ms = settings.kafka.session_timeout_ms
         self.consumer = self._new_consumer()
         self.producer = AIOKafkaProducer(
-            **options, acks="all", linger_ms=PRODUCER_LINGER_MS, max_request_size=MAX_REQUEST_BYTES
+            **options,
+            acks="all",
+            linger_ms=PRODUCER_LINGER_MS,
+            max_request_size=MAX_REQUEST_BYTES,
+            max_batch_size=PRODUCER_BATCH_BYTES,
         )
         self.scanner = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
         self.redis = redis_client(settings)
@@ -182,6 +190,8 @@ class RawLogStage(Service):
         """A writer lease lasts a session timeout: a member the group would find dead has stopped writing too."""
         self.queue = CorrectionQueue(self.redis, streams.review_queue)
         self.screener = Screener(streams, streams.screen_processes)
+        processes = self.screener.processes
+        log.info("raw-log stage screens on %s", f"{processes} processes" if processes else "its own process")
         await self.producer.start()
         await self.scanner.start()
         for topic in OUTPUT_TOPICS:

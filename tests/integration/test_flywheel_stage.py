@@ -17,12 +17,13 @@ from schemas.logs import Lineage, NormalizedLog, RejectedLog
 from schemas.settings import Settings
 from schemas.topics import Topic
 from streams.flywheel.metrics import CONSUMER_REPLACED, StreamsMetrics
-from streams.flywheel.stage import Counts, RawLogStage
+from streams.flywheel.stage import BATCH_MAX, Counts, RawLogStage
 from tests.support.flywheel_data import mixed_raw_logs
 from tests.support.flywheel_worker import produce, read_topics
 
-LOGS = 3_000
-REPLACE_AFTER = 500
+REPLACE_AFTER = BATCH_MAX
+LOGS = 6 * BATCH_MAX
+"""Records are left to fetch after the replacement: at most the batch in hand and the one ahead are fetched."""
 
 pytestmark = pytest.mark.timeout(300)
 
