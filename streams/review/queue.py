@@ -75,23 +75,34 @@ local function live_claim()
 end
 """
 
-# ARGV: case_id, priority, case JSON. Returns 0 (already submitted), 1 (queued anew), 2 (updated, stays claimed)
-# or 3 (updated in the queue).
-_ENQUEUE = (
+# One case (its id, priority, JSON): 0 (already submitted), 1 (queued anew), 2 (updated, stays claimed) or 3
+# (updated in the queue).
+_ENQUEUE_CASE = """
+local function enqueue(id, priority, case)
+  if redis.call('HEXISTS', done, id) == 1 then return 0 end
+  redis.call('HSET', cases, id, case)
+  redis.call('HSET', priorities, id, priority)
+  redis.call('ZADD', arrivals, 'NX', now, id)
+  if redis.call('ZSCORE', leases, id) then return 2 end
+  if redis.call('ZADD', pending, tonumber(priority), id) == 0 then return 3 end
+  redis.call('HINCRBY', counters, 'enqueued', 1)
+  return 1
+end
+"""
+# ARGV: case_id, priority, case JSON. Returns what `enqueue` does.
+_ENQUEUE = _PRELUDE + _ENQUEUE_CASE + "return enqueue(ARGV[1], ARGV[2], ARGV[3])"
+# ARGV: case_id, priority, case JSON of each case in turn. Returns how many were queued anew.
+_ENQUEUE_MANY = (
     _PRELUDE
+    + _ENQUEUE_CASE
     + """
-local id = ARGV[1]
-if redis.call('HEXISTS', done, id) == 1 then return 0 end
-redis.call('HSET', cases, id, ARGV[3])
-redis.call('HSET', priorities, id, ARGV[2])
-redis.call('ZADD', arrivals, 'NX', now, id)
-if redis.call('ZSCORE', leases, id) then return 2 end
-if redis.call('ZADD', pending, tonumber(ARGV[2]), id) == 0 then return 3 end
-redis.call('HINCRBY', counters, 'enqueued', 1)
-return 1
+local anew = 0
+for i = 1, #ARGV, 3 do
+  if enqueue(ARGV[i], ARGV[i + 1], ARGV[i + 2]) == 1 then anew = anew + 1 end
+end
+return anew
 """
 )
-QUEUED_ANEW = 1
 
 # ARGV: reviewer, token, lease_ms, scan limit. Returns false or {case_id, case JSON, suggestion or '', lease end}.
 _CLAIM = (
@@ -260,6 +271,7 @@ class CorrectionQueue:
         self.name = name
         self.keys = [f"vlmflow:{{review:{name}}}:{part}" for part in _KEY_PARTS]
         self._enqueue = redis.register_script(_ENQUEUE)
+        self._enqueue_many = redis.register_script(_ENQUEUE_MANY)
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
         self._complete = redis.register_script(_COMPLETE)
@@ -280,13 +292,12 @@ class CorrectionQueue:
 
     async def enqueue_encoded(self, cases: Sequence[tuple[str, int, bytes | str]]) -> int:
         """`enqueue_many` for cases already encoded, as (case id, priority, the `HardCase` JSON): the raw-log
-        stage has each case's JSON from screening and does not parse it back into a model."""
+        stage has each case's JSON from screening and does not parse it back into a model. One script call for
+        all of them (a script call each, pipelined, cost the stage about 20 µs of CPU a case in redis-py)."""
         if not cases:
             return 0
-        pipeline = self.redis.pipeline(transaction=False)
-        for case_id, priority, case_json in cases:
-            await self._enqueue(keys=self.keys, args=[case_id, priority, case_json], client=pipeline)
-        return sum(1 for result in await pipeline.execute() if int(result) == QUEUED_ANEW)
+        args = [part for case_id, priority, case_json in cases for part in (case_id, priority, case_json)]
+        return int(await self._enqueue_many(keys=self.keys, args=args))
 
     async def claim(self, reviewer: str, lease_s: float) -> Claim | None:
         """The highest-priority case this reviewer has not skipped, leased for `lease_s`; None when none is left."""
