@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SOURCE_HEADER = "x-vlmflow-source"
 _M = 0x5BD1E995
@@ -38,14 +39,17 @@ class Source:
         return cls(topic, int(partition), int(rest))
 
 
-@dataclass(frozen=True)
-class Output:
-    """One record to write: topic, key, value, and the raw record it came from."""
+class Output(NamedTuple):
+    """One record to write: topic, key, value, and the source header naming the raw record it came from. A tuple:
+    one or two are built for every raw record, and a frozen dataclass cost several times as much."""
 
     topic: str
     key: bytes
+    key_hash: int
+    """`murmur2(key)`, computed where the record was screened (`partition_of` needs only this)."""
     value: bytes
-    source: Source
+    source: bytes
+    """`Source.header()` of the raw record."""
 
 
 def murmur2(data: bytes) -> int:
@@ -74,4 +78,9 @@ def murmur2(data: bytes) -> int:
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives a keyed record."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return partition_of(murmur2(key), partitions)
+
+
+def partition_of(key_hash: int, partitions: int) -> int:
+    """`partition_for` of a key whose `murmur2` is `key_hash`."""
+    return (key_hash & 0x7FFFFFFF) % partitions

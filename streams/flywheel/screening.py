@@ -23,19 +23,22 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 from schemas.codec import encode
 from schemas.logs import Lineage, NormalizedLog, RejectedLog
 from schemas.settings import StreamsSettings
 from streams.flywheel.dedupe import Sighting, content_hash, request_fingerprint
 from streams.flywheel.mining import hard_case
+from streams.flywheel.outputs import murmur2
 from streams.flywheel.screen import ScreenConfig, encode_outcome, rejection, screen
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNKS_PER_PROCESS = 2
 """A batch is cut into this many chunks per worker process, so that a slow chunk does not idle the others."""
@@ -100,7 +103,8 @@ class RawRecord:
 
     @property
     def source_text(self) -> str:
-        """`topic:partition:offset`, as dedupe remembers a log (`streams.flywheel.dedupe.lineage_text`)."""
+        """`topic:partition:offset`, as dedupe remembers a log (`streams.flywheel.dedupe.lineage_text`) and the
+        source header of its outputs names it (`streams.flywheel.outputs.Source.header`)."""
         return f"{self.topic}:{self.partition}:{self.offset}"
 
 
@@ -123,6 +127,11 @@ class Screened:
     """The encoded `HardCase` when the log is one (queued as it is: never parsed back)."""
     case_id: str | None = None
     case_priority: int = 0
+    key_hash: int = field(init=False)
+    """`murmur2` of the log id, every output's key: hashed here, in a screening process, not in the stage's."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_hash", murmur2(self.log_id.encode()))
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,11 @@ def screen_record(record: RawRecord, rules: Rules) -> Screened:
     return _screened(outcome, record.value, rules)
 
 
+def needs_adjusting(item: Screened, record: RawRecord, sighting: Sighting) -> bool:
+    """Whether dedupe changes this normalized log (`adjusted`): a duplicate, or a later try than it says."""
+    return sighting.first_lineage != record.source_text or sighting.earlier_tries > item.attempt
+
+
 def adjusted(item: Screened, record: RawRecord, sighting: Sighting, rules: Rules) -> Screened:
     """A normalized log after dedupe: a duplicate becomes a rejection naming the first copy; earlier tries of the
     same request raise its `attempt` (and may make it a hard case). Unchanged otherwise."""
@@ -164,7 +178,6 @@ def adjusted(item: Screened, record: RawRecord, sighting: Sighting, rules: Rules
         return _screened(duplicate, record.value, rules)
     if sighting.earlier_tries <= item.attempt:
         return item
-    lineage = record.lineage
     normalized = NormalizedLog.model_validate_json(item.value).model_copy(update={"attempt": sighting.earlier_tries})
     return _screened(normalized, record.value, rules)
 
@@ -211,6 +224,15 @@ def _screen_chunk(records: list[RawRecord]) -> list[Screened]:
     return [screen_record(record, _worker_rules) for record in records]
 
 
+Change = tuple[Screened, RawRecord, Sighting]
+"""A normalized log, its raw record and what dedupe found: the arguments of `adjusted`."""
+
+
+def _adjust_chunk(changes: list[Change]) -> list[Screened]:
+    assert _worker_rules is not None, "the pool's initializer sets the rules"
+    return [adjusted(item, record, sighting, _worker_rules) for item, record, sighting in changes]
+
+
 class Screener:
     """Screens batches on a pool of worker processes (or in this process with `processes` 0)."""
 
@@ -232,15 +254,27 @@ class Screener:
 
     async def screen(self, records: list[RawRecord]) -> list[Screened]:
         """Every record screened, in order."""
-        if self.processes == 0 or not records:
-            return [screen_record(record, self.rules) for record in records]
-        size = -(-len(records) // (self.processes * CHUNKS_PER_PROCESS))
-        chunks = [records[start : start + size] for start in range(0, len(records), size)]
+        return await self._each(records, _screen_chunk, lambda record: screen_record(record, self.rules))
+
+    async def adjust(self, changes: list[Change]) -> list[Screened]:
+        """`adjusted` of each change, in order: a duplicate's rejection reads and bounds its original again, which
+        is screening work too."""
+        return await self._each(changes, _adjust_chunk, lambda change: adjusted(*change, self.rules))
+
+    async def _each(
+        self, items: list[T], in_worker: Callable[[list[T]], list[Screened]], here: Callable[[T], Screened]
+    ) -> list[Screened]:
+        """`in_worker` over chunks of `items` on the pool (or `here` on each item in this process), in order; a
+        broken pool is started again and the whole list done again."""
+        if self.processes == 0 or not items:
+            return [here(item) for item in items]
+        size = -(-len(items) // (self.processes * CHUNKS_PER_PROCESS))
+        chunks = [items[start : start + size] for start in range(0, len(items), size)]
         loop = asyncio.get_running_loop()
         while True:
             pool = self._started_pool()
             try:
-                results = await asyncio.gather(*(loop.run_in_executor(pool, _screen_chunk, c) for c in chunks))
+                results = await asyncio.gather(*(loop.run_in_executor(pool, in_worker, c) for c in chunks))
                 return [item for chunk in results for item in chunk]
             except BrokenProcessPool:
                 log.warning("a screening process died; starting the pool again and screening the batch again")

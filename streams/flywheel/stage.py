@@ -67,9 +67,9 @@ from streams.flywheel.ledger import (
     plan,
 )
 from streams.flywheel.metrics import StreamsMetrics
-from streams.flywheel.outputs import SOURCE_HEADER, Output, Source, partition_for
+from streams.flywheel.outputs import SOURCE_HEADER, Output, partition_of
 from streams.flywheel.screen import MAX_REQUEST_BYTES
-from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted
+from streams.flywheel.screening import RawRecord, Screened, Screener, needs_adjusting
 from streams.review.queue import CorrectionQueue
 
 log = logging.getLogger(__name__)
@@ -439,15 +439,21 @@ class RawLogStage(Service):
         return found
 
     async def _dedupe(self, screened: list[Screened], records: list[RawRecord]) -> list[Screened]:
-        """One Redis call sighting the normalized logs; the few that dedupe changes are adjusted here."""
+        """One Redis call sighting the normalized logs; the few that dedupe changes are adjusted by the screener."""
         passed = [i for i, item in enumerate(screened) if item.kind == "normalized"]
         sightings = await self.seen.sight(
             [(*_keys(screened[i]), records[i].source_text) for i in passed],
             on_retry=lambda: self.metrics.redis_retries.labels("dedupe").inc(),
         )
+        changed = [
+            (i, sighting)
+            for i, sighting in zip(passed, sightings, strict=True)
+            if needs_adjusting(screened[i], records[i], sighting)
+        ]
         adjusted_all = list(screened)
-        for i, sighting in zip(passed, sightings, strict=True):
-            adjusted_all[i] = adjusted(screened[i], records[i], sighting, self.screener.rules)
+        changes = [(screened[i], records[i], sighting) for i, sighting in changed]
+        for (i, _), item in zip(changed, await self.screener.adjust(changes), strict=True):
+            adjusted_all[i] = item
         return adjusted_all
 
     async def _produce(self, outputs: list[Output], lease: WriterLease) -> None:
@@ -456,7 +462,7 @@ class RawLogStage(Service):
         the lease is given back only then, so that no scan by this member or another misses a late write."""
         by_partition: dict[TopicPartition, list[Output]] = defaultdict(list)
         for output in outputs:
-            tp = TopicPartition(output.topic, partition_for(output.key, self._partitions[output.topic]))
+            tp = TopicPartition(output.topic, partition_of(output.key_hash, self._partitions[output.topic]))
             by_partition[tp].append(output)
         pending: list[tuple[TopicPartition, BatchBuilder, asyncio.Future[RecordMetadata]]] = []
 
@@ -468,7 +474,7 @@ class RawLogStage(Service):
             for tp, items in by_partition.items():
                 batch = self.producer.create_batch()
                 for output in items:
-                    headers = [(SOURCE_HEADER, output.source.header())]
+                    headers = [(SOURCE_HEADER, output.source)]
                     if batch.append(key=output.key, value=output.value, timestamp=None, headers=headers) is None:
                         await send(tp, batch)
                         batch = self.producer.create_batch()
@@ -484,15 +490,22 @@ class RawLogStage(Service):
             self.metrics.records_out.labels(AGENT, tp.topic).inc(len(items))
 
     def _count(self, items: Iterable[Screened]) -> None:
+        """Progress counts and metrics of written outcomes; each metric is moved once per batch (a labelled child's
+        lookup costs more than counting)."""
+        rejected: Counter[tuple[str, str]] = Counter()
+        normalized = hard_cases = 0
         for item in items:
             if item.kind == "rejected":
-                self.counts.rejected[item.code or ""] += 1
-                self.metrics.rejections.labels(item.code or "", item.rule or "").inc()
-                continue
-            self.counts.normalized += 1
-            if item.case is not None:
-                self.counts.hard_cases += 1
-                self.metrics.hard_cases.inc()
+                rejected[item.code or "", item.rule or ""] += 1
+            else:
+                normalized += 1
+                hard_cases += item.case is not None
+        self.counts.normalized += normalized
+        self.counts.hard_cases += hard_cases
+        self.metrics.hard_cases.inc(hard_cases)
+        for (code, rule), number in rejected.items():
+            self.counts.rejected[code] += number
+            self.metrics.rejections.labels(code, rule).inc(number)
 
     async def _commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit; a partition that moved meanwhile is the new owner's (the ledger keeps its outputs unique)."""
@@ -583,12 +596,12 @@ def _outputs(item: Screened, record: RawRecord, written: set[str]) -> list[Outpu
     """The records one raw record becomes (keyed by log id on all three topics, as the registry says), less those
     an unfinished batch already wrote (`written`: their topics). Its outcome is written once whichever outcome
     topic holds it; its hard case goes apart, as a killed member may have written one and not the other."""
-    source = Source(record.topic, record.partition, record.offset)
+    source = record.source_text.encode()
     key = item.log_id.encode()
     outputs = []
     if written.isdisjoint(OUTCOME_TOPICS):
         topic = Topic.LOGS_NORMALIZED if item.kind == "normalized" else Topic.LOGS_REJECTED
-        outputs.append(Output(topic, key, item.value, source))
+        outputs.append(Output(topic, key, item.key_hash, item.value, source))
     if item.case is not None and Topic.CASES_HARD not in written:
-        outputs.append(Output(Topic.CASES_HARD, key, item.case, source))
+        outputs.append(Output(Topic.CASES_HARD, key, item.key_hash, item.case, source))
     return outputs

@@ -20,12 +20,14 @@ from schemas.codec import decode
 from schemas.settings import StreamsSettings
 from schemas.topics import Topic
 from streams.flywheel import screening
+from streams.flywheel.dedupe import Sighting
 from streams.flywheel.screening import (
     RawRecord,
     Rules,
     Screened,
     Screener,
     cgroup_cpu_limit,
+    needs_adjusting,
     screen_process_count,
     screen_record,
     usable_cpus,
@@ -91,6 +93,29 @@ def test_a_pool_screens_every_record_as_the_stage_process_does() -> None:
         assert timeless(in_pool) == timeless(asyncio.run(Screener(StreamsSettings(), 0).screen(records)))
     finally:
         pool.close()
+
+
+def test_a_pool_adjusts_duplicates_and_later_tries_as_the_stage_process_does() -> None:
+    records = mixed_records(120)
+    here = Screener(StreamsSettings(), 0)
+    screened = asyncio.run(here.screen(records))
+    normalized = [(item, record) for item, record in zip(screened, records, strict=True) if item.kind == "normalized"]
+    sightings = [
+        Sighting("vlm.logs.raw:3:1", 0),  # a duplicate of another record
+        Sighting(normalized[1][1].source_text, 2),  # its third try
+        Sighting(normalized[2][1].source_text, 0),  # neither
+    ]
+    changes = [(item, record, sighting) for (item, record), sighting in zip(normalized, sightings, strict=False)]
+    assert [needs_adjusting(*change) for change in changes] == [True, True, False]
+    pool = Screener(StreamsSettings(), 2)
+    try:
+        in_pool = asyncio.run(pool.adjust(changes))
+    finally:
+        pool.close()
+    assert timeless(in_pool) == timeless(asyncio.run(here.adjust(changes)))
+    assert in_pool[0].kind == "rejected" and in_pool[0].code == "duplicate"
+    assert json.loads(in_pool[1].value)["attempt"] == 2
+    assert in_pool[2] == changes[2][0]
 
 
 def test_a_killed_screening_process_is_replaced_and_the_batch_screened_again() -> None:
