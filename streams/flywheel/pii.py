@@ -54,6 +54,13 @@ can first start in it."""
 _ASCII_NUMBER_RUN = re.compile(r"[+(0-9][0-9\s.\-()+]{6,}")
 """`_NUMBER_RUN` for ASCII text, where `[0-9]` is `\\d`: `re` tests a range faster than the Unicode digit category,
 and the run search tries every digit of a text (less than half the cost)."""
+_RUN_CHARS = bytes(
+    ord("1") if code < 128 and re.fullmatch(r"[\d\s.\-()+]", chr(code)) else ord("0") for code in range(256)
+)
+"""ASCII characters that `_NUMBER_RUN` repeats as `1`, others as `0`: in ASCII text translated by it, the first run
+starts at the first `1111111` (a run is 7 of these characters or more), and a text without one holds none.
+NOTE: translating and searching the bytes costs a fifth of the run search in a text without runs (most texts)."""
+_RUN_START = b"1" * 7
 _SIGNED_NAME = (
     r"(?<![\w-])(?:x-(?:amz|goog|oss|cos|ms)-(?:signature|credential|security-token)|signature|sig"
     r"|awsaccesskeyid|googleaccessid|ossaccesskeyid|access_token|token)="
@@ -136,9 +143,16 @@ def _redact_numbers(text: str) -> str:
     """`_NUMBERS.sub(_number, text)`, with `_NUMBERS` tried only inside `_NUMBER_RUN`s and there only where
     `_NUMBER_START` says a match can start (the same matches, found as `sub` finds them: leftmost first, the next
     search from the end of the last match)."""
+    if text.isascii():
+        first = text.encode().translate(_RUN_CHARS).find(_RUN_START)
+        if first == -1:
+            return text
+        runs = _ASCII_NUMBER_RUN.finditer(text, first)
+    else:
+        runs = _NUMBER_RUN.finditer(text)
     parts: list[str] = []
     done = 0
-    for run in (_ASCII_NUMBER_RUN if text.isascii() else _NUMBER_RUN).finditer(text):
+    for run in runs:
         # NOTE: `_NUMBER_START` only looks behind, so `end` does not change where it matches; `_NUMBERS` is matched
         # without it, since its lookaheads must see the text after the run.
         end = run.end()
