@@ -200,9 +200,19 @@ def redact_value(value: T, *, numbers: bool = True) -> T:
     """A JSON value with every string and key redacted and, with `numbers`, ID-like whole numbers replaced by
     `[NUMBER]` (off for raw originals, whose numbers are times and sizes needed to diagnose a rejection). The very
     value when nothing in it changes."""
+    texts, long_numbers = _strings(value, numbers=numbers)
+    return _redacted(value, texts, numbers=numbers, long_numbers=long_numbers)
+
+
+def redact_strings(value: T, texts: list[str]) -> T:
+    """`redact_value(value, numbers=False)` for a caller that walked `value` already and has every string and key
+    of it in `texts` (in any order)."""
+    return _redacted(value, texts, numbers=False, long_numbers=False)
+
+
+def _redacted(value: T, texts: list[str], *, numbers: bool, long_numbers: bool) -> T:
     # NOTE: every string is scanned in one text (NUL-joined, as in `redact_log`) and the walk that rebuilds the
     # value looks each one up: one `redact_text` call per value instead of one per string (a third of the cost).
-    texts, long_numbers = _strings(value, numbers=numbers)
     joined = "\x00".join(texts)
     redacted = redact_text(joined)
     if redacted == joined and not long_numbers:

@@ -20,7 +20,7 @@ from schemas.logs import Lineage, NormalizedLog, RejectCode, RejectedLog
 from schemas.settings import StreamsSettings
 from streams.flywheel.jsontext import loads
 from streams.flywheel.normalize import load_raw, loaded_log_id, log_id_of, normalize_loaded
-from streams.flywheel.pii import identifiers_in_uri, redact_log, redact_text, redact_value
+from streams.flywheel.pii import identifiers_in_uri, redact_log, redact_strings, redact_text, redact_value
 from streams.flywheel.rules import RuleSet, load_rules
 
 MAX_REQUEST_BYTES = 1_000_000
@@ -142,8 +142,9 @@ def _original(raw: bytes, value: Any, *, redact: bool) -> Any:
     if value is NOT_JSON:
         text = _cut(raw.decode("utf-8", "replace"))
         return redact_text(text) if redact else text
-    if _within_bounds(value, len(raw)):
-        return redact_value(value, numbers=False) if redact else value
+    texts = _texts_within_bounds(value, len(raw))
+    if texts is not None:
+        return redact_strings(value, texts) if redact else value
     bounded = _Bounded()
     original = bounded.value(value, depth=0)
     if not redact:
@@ -155,13 +156,14 @@ def _original(raw: bytes, value: Any, *, redact: bool) -> Any:
     return original if redact_text(joined) == joined else redact_value(original, numbers=False)
 
 
-def _within_bounds(value: Any, size: int) -> bool:
-    """Whether `_Bounded` would keep all of a JSON value read from `size` bytes as it is: no string or key too long,
-    nothing too deep. It charges each string its length and each other item 8, and a JSON text spends at least one
-    byte on each, so no total cut is possible below `MAX_ORIGINAL_TOTAL_CHARS / 8` bytes."""
+def _texts_within_bounds(value: Any, size: int) -> list[str] | None:
+    """Every string and key of a JSON value read from `size` bytes (in no particular order) when `_Bounded` would
+    keep all of it as it is: no string or key too long, nothing too deep; None otherwise. It charges each string
+    its length and each other item 8, and a JSON text spends at least one byte on each, so no total cut is possible
+    below `MAX_ORIGINAL_TOTAL_CHARS / 8` bytes."""
     # NOTE: a level-by-level walk that copies nothing: a fifth of the cost of `_Bounded` on a rule rejection.
     if size * 8 >= MAX_ORIGINAL_TOTAL_CHARS:
-        return False
+        return None
     texts: list[str] = []
     level = [value]
     for depth in range(MAX_ORIGINAL_DEPTH + 1):
@@ -171,14 +173,14 @@ def _within_bounds(value: Any, size: int) -> bool:
                 texts.append(node)
             elif isinstance(node, dict | list):
                 if depth == MAX_ORIGINAL_DEPTH:
-                    return False
+                    return None
                 if isinstance(node, dict):
                     texts.extend(node)
                     children.extend(node.values())
                 else:
                     children.extend(node)
         level = children
-    return all(len(text) <= MAX_ORIGINAL_CHARS for text in texts)
+    return texts if all(len(text) <= MAX_ORIGINAL_CHARS for text in texts) else None
 
 
 def _cut(text: str) -> str:
