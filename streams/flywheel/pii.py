@@ -266,7 +266,7 @@ def _rebuilt(value: T, redact: Callable[[str], str], *, numbers: bool) -> T:
 
 def redact_log(log: NormalizedLog, *, output_from_text: bool = False) -> NormalizedLog:
     """The log with its prompt, answer, correction and error text redacted (the very same log when nothing in it
-    is PII: its texts are scanned once, NUL-joined, and most logs hold none).
+    is PII: its texts are scanned once, NUL-joined, and most logs hold none; a correction, in one more scan).
 
     `output_from_text` says that `output` was read from `output_text` (or `output_text` written from `output`), as
     `streams.flywheel.normalize` does: then every string, key and whole number of `output` appears in that text
@@ -277,7 +277,8 @@ def redact_log(log: NormalizedLog, *, output_from_text: bool = False) -> Normali
     redacted = redact_text(joined)
     texts_clean = redacted == joined
     output_clean = log.output is None or (output_from_text and texts_clean and text is not None and "\\" not in text)
-    if texts_clean and output_clean and log.correction is None:
+    correction = None if log.correction is None else redact_value(log.correction)
+    if texts_clean and output_clean and correction is log.correction:
         return log
     prompt, text, error = (log.prompt, text, log.output_error) if texts_clean else _texts(log, joined, redacted)
     return log.model_copy(
@@ -286,7 +287,7 @@ def redact_log(log: NormalizedLog, *, output_from_text: bool = False) -> Normali
             "output_text": text,
             "output": log.output if output_clean else redact_value(log.output),
             "output_error": error,
-            "correction": redact_value(log.correction),
+            "correction": correction,
         }
     )
 
