@@ -165,7 +165,7 @@ def _redact_numbers(text: str) -> str:
                 continue
             parts += (text[done:at], _number(match))
             done = match.end()
-            start = _NUMBER_START.search(text, done, end)
+            start = _NUMBER_START.search(text, done, end) if done < end else None
     if not parts:
         return text
     parts.append(text[done:])
@@ -173,7 +173,7 @@ def _redact_numbers(text: str) -> str:
 
 
 def _number(match: re.Match[str]) -> str:
-    if match.group("number") is not None:
+    if match.lastgroup == "number":
         return "[NUMBER]"
     found = match.group(0)
     digits = sum(map(str.isdigit, found))
