@@ -18,7 +18,7 @@ not scanned at all.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from operator import is_
 from typing import TypeVar
 from urllib.parse import unquote
 
@@ -198,69 +198,54 @@ def identifiers_in_uri(uri: str) -> list[str]:
 
 def redact_value(value: T, *, numbers: bool = True) -> T:
     """A JSON value with every string and key redacted and, with `numbers`, ID-like whole numbers replaced by
-    `[NUMBER]` (off for raw originals, whose numbers are times and sizes needed to diagnose a rejection). The very
-    value when nothing in it changes."""
-    texts, long_numbers = _strings(value, numbers=numbers)
-    return _redacted(value, texts, numbers=numbers, long_numbers=long_numbers)
+    `[NUMBER]` (off for raw originals, whose numbers are times and sizes needed to diagnose a rejection). Only what
+    changes is copied: the very value when nothing does."""
+    if isinstance(value, str):
+        return redact_text(value)  # type: ignore[return-value]
+    if isinstance(value, dict):
+        fields = {}
+        changed = False
+        for key, item in value.items():
+            new_key = redact_text(key) if isinstance(key, str) else key
+            new_item = fields[new_key] = redact_value(item, numbers=numbers)
+            changed = changed or new_key is not key or new_item is not item
+        return fields if changed else value  # type: ignore[return-value]
+    if isinstance(value, list):
+        items = [redact_value(item, numbers=numbers) for item in value]
+        return value if all(map(is_, items, value)) else items  # type: ignore[return-value]
+    if numbers and isinstance(value, int) and not isinstance(value, bool) and abs(value) >= LONG_NUMBER_MIN:
+        return "[NUMBER]"  # type: ignore[return-value]
+    return value
 
 
 def redact_strings(value: T, texts: list[str]) -> T:
     """`redact_value(value, numbers=False)` for a caller that walked `value` already and has every string and key
-    of it in `texts` (in any order)."""
-    return _redacted(value, texts, numbers=False, long_numbers=False)
-
-
-def _redacted(value: T, texts: list[str], *, numbers: bool, long_numbers: bool) -> T:
-    # NOTE: every string is scanned in one text (NUL-joined, as in `redact_log`) and the walk that rebuilds the
-    # value looks each one up: one `redact_text` call per value instead of one per string (a third of the cost).
-    joined = "\x00".join(texts)
+    of it in `texts` (in any order): they are scanned as one text, and most values hold nothing to redact."""
+    joined = _SEPARATOR.join(texts)
     redacted = redact_text(joined)
-    if redacted == joined and not long_numbers:
+    if redacted == joined:
         return value
-    parts = redacted.split("\x00")
-    if len(parts) != len(texts) or joined.count("\x00") != len(texts) - 1:
-        return _rebuilt(value, redact_text, numbers=numbers)
-    found = dict(zip(texts, parts, strict=True))
-    return _rebuilt(value, found.__getitem__, numbers=numbers)
+    parts = redacted.split(_SEPARATOR)
+    if len(parts) != len(texts) or joined.count(_SEPARATOR) != len(texts) - 1:
+        return redact_value(value, numbers=False)
+    return _rebuilt(value, dict(zip(texts, parts, strict=True)))
 
 
-def _strings(value: object, *, numbers: bool) -> tuple[list[str], bool]:
-    """Every string and key in a JSON value (in no particular order), and whether it holds an ID-like whole number
-    (only looked for with `numbers`)."""
-    texts: list[str] = []
-    long_numbers = False
-    pending = [value]
-    while pending:
-        current = pending.pop()
-        if isinstance(current, str):
-            texts.append(current)
-        elif isinstance(current, dict):
-            texts.extend(key for key in current if isinstance(key, str))
-            pending.extend(current.values())
-        elif isinstance(current, list):
-            pending.extend(current)
-        elif numbers and not long_numbers:
-            long_numbers = _is_long_number(current)
-    return texts, long_numbers
+_SEPARATOR = "<\x00"
+"""Between the texts `redact_strings` scans as one: no pattern matches a NUL but a URL signature's value, which
+`<` ends, as the end of a text does; next to either, each pattern behaves as at the start or end of a text."""
 
 
-def _is_long_number(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) >= LONG_NUMBER_MIN
-
-
-def _rebuilt(value: T, redact: Callable[[str], str], *, numbers: bool) -> T:
-    """`value` with each string and key replaced by `redact` of it (and long numbers, with `numbers`)."""
+def _rebuilt(value: T, redacted: dict[str, str]) -> T:
+    """`value` with each string and key replaced by its redacted text in `redacted`."""
     if isinstance(value, str):
-        return redact(value)  # type: ignore[return-value]
+        return redacted[value]  # type: ignore[return-value]
     if isinstance(value, dict):
         return {  # type: ignore[return-value]
-            (redact(key) if isinstance(key, str) else key): _rebuilt(item, redact, numbers=numbers)
-            for key, item in value.items()
+            (redacted[key] if isinstance(key, str) else key): _rebuilt(item, redacted) for key, item in value.items()
         }
     if isinstance(value, list):
-        return [_rebuilt(item, redact, numbers=numbers) for item in value]  # type: ignore[return-value]
-    if numbers and _is_long_number(value):
-        return "[NUMBER]"  # type: ignore[return-value]
+        return [_rebuilt(item, redacted) for item in value]  # type: ignore[return-value]
     return value
 
 
