@@ -68,9 +68,15 @@ def screen(raw: bytes | None, *, lineage: Lineage, config: ScreenConfig) -> Norm
         return rejection(raw, lineage, code=code, detail=str(exc), config=config, value=value, log_id=log_id)
     rule = config.rules.first_match(log)
     if rule is not None:
-        detail = rule.description
         return rejection(
-            raw, lineage, code="rule", rule=rule.name, detail=detail, config=config, value=value, log_id=log_id
+            raw,
+            lineage,
+            code="rule",
+            rule=rule.name,
+            detail=rule.description,
+            config=config,
+            value=value,
+            log_id=log_id,
         )
     if not config.redact:
         return log
@@ -158,10 +164,10 @@ def _original(raw: bytes, value: Any, *, redact: bool) -> Any:
 
 def _texts_within_bounds(value: Any, size: int) -> list[str] | None:
     """Every string and key of a JSON value read from `size` bytes (in no particular order) when `_Bounded` would
-    keep all of it as it is: no string or key too long, nothing too deep; None otherwise. It charges each string
-    its length and each other item 8, and a JSON text spends at least one byte on each, so no total cut is possible
-    below `MAX_ORIGINAL_TOTAL_CHARS / 8` bytes."""
-    # NOTE: a level-by-level walk that copies nothing: a fifth of the cost of `_Bounded` on a rule rejection.
+    keep all of it as it is: no string or key too long, nothing too deep; None otherwise. `_Bounded` charges each
+    string its length and each other item 8, and a JSON text spends at least one byte on each (and on each
+    character), so no total cut is possible below `MAX_ORIGINAL_TOTAL_CHARS / 8` bytes."""
+    # NOTE: a level-by-level walk that copies nothing (about half the cost of `_Bounded`, which copies every item).
     if size * 8 >= MAX_ORIGINAL_TOTAL_CHARS:
         return None
     texts: list[str] = []
