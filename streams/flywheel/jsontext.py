@@ -27,8 +27,10 @@ _DIGITS_AS_ZERO = bytes(ord("0") if chr(code).isdigit() and code < 128 else ord(
 _LONG_DIGITS = b"0" * 20
 """orjson reads integers up to 64 bits exactly; a run of 20 digits may be a larger one. Found by mapping digits to
 `0` and everything else to `.` and searching the bytes (a regex costs four times as much)."""
-_SMALL_FLOAT = re.compile(rb"\de-")
-"""A float orjson writes with a negative exponent (`json` writes small floats with an exponent orjson does not)."""
+_SMALL_FLOAT = re.compile(rb"e-(?<=\de-)")
+"""A float orjson writes with a negative exponent (`json` writes small floats with an exponent orjson does not).
+NOTE: `e-` first, the digit before it checked behind: `re` finds a literal start by a fast scan, and this search
+costs less than `b"e-" in out` alone (with `\\de-`, `re` tries every byte: ten times as much)."""
 _SORTED = orjson.OPT_SORT_KEYS
 
 
@@ -73,11 +75,11 @@ def canonical(value: Any, *, finite: bool = False) -> bytes:
 
 def _same_as_json(out: bytes) -> bool:
     """Whether `json.dumps` would write these bytes too: printable ASCII (orjson escapes control characters but
-    not DEL) and no float that either library writes in its own way. Substring tests first: they run at memory
-    speed, a regex over every byte does not."""
+    not DEL) and no float that either library writes in its own way. Substring tests and a regex that starts
+    with a literal: none of them tries a pattern at every byte."""
     if not out.isascii() or b"\x7f" in out or b"0.0000" in out:
         return False
-    return b"e-" not in out or _SMALL_FLOAT.search(out) is None
+    return _SMALL_FLOAT.search(out) is None
 
 
 def _finite(value: Any) -> bool:

@@ -373,11 +373,15 @@ def _messages(messages: object) -> tuple[str, list[str]]:
         _fail("invalid_field", "request.messages: expected a non-empty list")
     prompt = ""
     uris: list[str] = []
+    # NOTE: paths are written only where a value needs one (an error, an image URI): most turns are plain text.
     for index, message in enumerate(messages):
-        path = f"request.messages[{index}]"
-        message = _object(message, path)
-        texts, images = _content(message.get("content"), f"{path}.content")
-        uris.extend(images)
+        message = message if isinstance(message, dict) else _object(message, f"request.messages[{index}]")
+        content = message.get("content")
+        if isinstance(content, str):
+            texts = [content]
+        else:
+            texts, images = _content(content, f"request.messages[{index}].content")
+            uris.extend(images)
         if message.get("role") == "user":
             prompt = "\n".join(texts)
     return prompt, uris
@@ -393,17 +397,18 @@ def _content(content: object, path: str) -> tuple[list[str], list[str]]:
     texts: list[str] = []
     uris: list[str] = []
     for index, part in enumerate(content):
-        part_path = f"{path}[{index}]"
-        part = _object(part, part_path)
+        part = part if isinstance(part, dict) else _object(part, f"{path}[{index}]")
         kind = part.get("type")
         if kind == "text":
-            texts.append(_text(part.get("text"), f"{part_path}.text") or "")
+            text = part.get("text")
+            texts.append(text if isinstance(text, str) else _text(text, f"{path}[{index}].text") or "")
         elif kind == "image_url":
+            where = f"{path}[{index}].image_url"
             image = part.get("image_url")
-            url = _object(image, f"{part_path}.image_url").get("url") if not isinstance(image, str) else image
-            uris.append(image_uri(url, f"{part_path}.image_url"))
+            url = _object(image, where).get("url") if not isinstance(image, str) else image
+            uris.append(image_uri(url, where))
         else:
-            _fail("invalid_field", f"{part_path}.type: expected 'text' or 'image_url'")
+            _fail("invalid_field", f"{path}[{index}].type: expected 'text' or 'image_url'")
     return texts, uris
 
 

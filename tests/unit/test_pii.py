@@ -20,6 +20,7 @@ from streams.flywheel.pii import (
     _redact_signatures,
     identifiers_in_uri,
     redact_log,
+    redact_strings,
     redact_text,
     redact_value,
 )
@@ -210,6 +211,32 @@ def test_signatures_tried_at_each_equals_sign_give_the_patterns_sub(text: str) -
 @given(JSONISH)
 def test_values_are_redacted_as_with_the_plain_subs(value: Any) -> None:
     assert redact_value(value) == redact_value_before(value)
+
+
+def strings_of(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [*value, *(text for item in value.values() for text in strings_of(item))]
+    if isinstance(value, list):
+        return [text for item in value for text in strings_of(item)]
+    return []
+
+
+@settings(max_examples=1000, deadline=None)
+@given(JSONISH)
+def test_strings_scanned_as_one_text_give_the_value_redacted_string_by_string(value: Any) -> None:
+    """`redact_strings` joins the strings (`<` and a NUL between them), splits the result back, and falls back to
+    the walk where a string holds the separator."""
+    assert redact_strings(value, strings_of(value)) == redact_value(value, numbers=False)
+
+
+def test_a_value_without_pii_is_returned_as_it_is() -> None:
+    value = {"objects": [{"label": "car", "bbox_xyxy": [1.0, 2.0, 3.0, 4.0]}], "note": "seen at 10:30"}
+    assert redact_value(value) is value
+    assert redact_strings(value, strings_of(value)) is value
+    changed = redact_value({"a": [1], "b": {"c": "mail a@b.org"}})
+    assert changed == {"a": [1], "b": {"c": "mail [EMAIL]"}}
 
 
 def test_a_signature_name_longer_than_any_known_one_is_not_one() -> None:

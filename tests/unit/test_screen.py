@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.logs import Lineage, NormalizedLog, RejectedLog
 from schemas.settings import StreamsSettings
 from schemas.topics import Topic
 from streams.flywheel.dedupe import content_hash, lineage_text, request_fingerprint
 from streams.flywheel.normalize import normalize
+from streams.flywheel.pii import redact_value
 from streams.flywheel.rules import RuleSet
-from streams.flywheel.screen import MAX_ORIGINAL_CHARS, ScreenConfig, screen
+from streams.flywheel.screen import MAX_ORIGINAL_CHARS, ScreenConfig, _Bounded, _original, screen
 
 CONFIG = ScreenConfig.from_settings(StreamsSettings(label_synonyms={"kitty": "cat"}))
 LINEAGE = Lineage(topic=Topic.LOGS_RAW, partition=1, offset=9)
@@ -88,3 +93,28 @@ def test_a_deep_or_huge_raw_log_still_gets_a_sendable_rejection() -> None:
         outcome = screen(raw, lineage=LINEAGE, config=CONFIG)
         final, value = encode_outcome(outcome, raw, CONFIG)
         assert isinstance(final, RejectedLog) and len(value) <= MAX_RECORD_BYTES
+
+
+ORIGINALS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet="ab1@.=x<\x00 ", max_size=2_100),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=20,
+)  # fmt: skip
+
+
+def nested(value: Any, depth: int) -> Any:
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(ORIGINALS, st.sampled_from([0, 12, 15, 16, 17]))
+def test_an_original_within_the_bounds_is_kept_as_bounded(value: Any, depth: int) -> None:
+    """Originals that `_Bounded` keeps whole skip it; the kept value is the same either way, redacted or not."""
+    original = nested(value, depth)
+    raw = json.dumps(original).encode()
+    bounded = _Bounded().value(original, depth=0)
+    assert _original(raw, original, redact=False) == bounded
+    assert _original(raw, original, redact=True) == redact_value(bounded, numbers=False)
