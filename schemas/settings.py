@@ -248,8 +248,8 @@ class StreamsSettings(_Section):
     """Prometheus metrics of `vlmflow streams` (0 picks a free port, logged at start)."""
     screen_processes: Annotated[int, Field(ge=0)] | None = None
     """Worker processes that screen raw logs (CPU-bound) for each `vlmflow streams`. None (the default): one per
-    CPU the member may use (its CPU affinity, capped by a cgroup CPU limit), none on a single CPU; 0 screens in
-    the stage's own process. Set it lower when several members share a host's CPUs (docs/flywheel.md)."""
+    CPU the member may use (its CPU affinity, capped by a cgroup CPU limit), at most 4, none on a single CPU; 0
+    screens in the stage's own process. Set it lower when several members share a host's CPUs (docs/flywheel.md)."""
 
 
 class LabelStudioSettings(_Section):

@@ -50,13 +50,18 @@ CGROUP_CPU_MAX = (
 """Where a container's CPU limit is read: cgroup v2 (`quota period`), or v1 (quota and period apart)."""
 
 
+MAX_DEFAULT_PROCESSES = 4
+"""At most this many screening processes by default: the member's one stage process (Kafka, Redis) paces it well
+before more would help (it kept two busy at half its own CPU); a bigger host takes more members."""
+
+
 def screen_process_count(setting: int | None) -> int:
-    """The screening processes to start: `setting` when given, else one per usable CPU, or 0 with a single one
-    (a pool on one CPU only adds the hand-over)."""
+    """The screening processes to start: `setting` when given, else one per usable CPU up to
+    `MAX_DEFAULT_PROCESSES`, or 0 with a single one (a pool on one CPU only adds the hand-over)."""
     if setting is not None:
         return setting
     cpus = usable_cpus()
-    return cpus if cpus > 1 else 0
+    return min(cpus, MAX_DEFAULT_PROCESSES) if cpus > 1 else 0
 
 
 def usable_cpus() -> int:

@@ -22,6 +22,7 @@ from schemas.topics import Topic
 from streams.flywheel import screening
 from streams.flywheel.dedupe import Sighting
 from streams.flywheel.screening import (
+    MAX_DEFAULT_PROCESSES,
     RawRecord,
     Rules,
     Screened,
@@ -192,4 +193,4 @@ def test_the_screening_processes_default_to_the_usable_cpus() -> None:
     assert screen_process_count(3) == 3 and screen_process_count(0) == 0
     usable = usable_cpus()
     assert 1 <= usable <= len(os.sched_getaffinity(0))
-    assert screen_process_count(None) == (usable if usable > 1 else 0)
+    assert screen_process_count(None) == (min(usable, MAX_DEFAULT_PROCESSES) if usable > 1 else 0)
