@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -212,6 +213,10 @@ _worker_rules: Rules | None = None
 def _start_worker(streams_json: str) -> None:
     global _worker_rules
     _worker_rules = Rules.from_settings(StreamsSettings.model_validate_json(streams_json))
+    # NOTE: Ctrl-C in a terminal, or a stop signal sent to the member's process group, reaches the screening
+    # processes too; the member stops them itself once its batch is done (and they exit with it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent.sentinel,), name="exit-with-parent", daemon=True).start()

@@ -146,12 +146,21 @@ time.sleep(120)
 """
 
 
-def test_screening_processes_end_when_their_member_is_killed() -> None:
+def test_screening_processes_stop_with_their_member_only() -> None:
     member = subprocess.Popen([sys.executable, "-c", _MEMBER], stdout=subprocess.PIPE, cwd=REPO)
     try:
         assert member.stdout is not None
         workers = [int(pid) for pid in member.stdout.readline().split()]
         assert len(workers) == 2 and all(_running(pid) for pid in workers)
+        deadline = time.monotonic() + 30
+        while not all(_ignores_stop_signals(pid) for pid in workers):  # a process still starting has no handlers
+            assert time.monotonic() < deadline, "screening processes did not start"
+            time.sleep(0.1)
+        for pid in workers:  # a stop signal to the process group: the member decides when they stop
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(_running(pid) for pid in workers), "a screening process stopped before its member"
     finally:
         member.kill()
         member.wait()
@@ -159,6 +168,13 @@ def test_screening_processes_end_when_their_member_is_killed() -> None:
     while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_running(pid) for pid in workers), "screening processes outlived their member"
+
+
+def _ignores_stop_signals(pid: int) -> bool:
+    """Whether the process ignores SIGINT and SIGTERM (its `SigIgn` mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return all(ignored >> (number - 1) & 1 for number in (signal.SIGINT, signal.SIGTERM))
 
 
 def _running(pid: int) -> bool:
