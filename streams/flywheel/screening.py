@@ -24,11 +24,10 @@ import multiprocessing.connection
 import os
 import signal
 import threading
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal
 
 from schemas.codec import encode
 from schemas.logs import Lineage, NormalizedLog, RejectedLog
@@ -39,7 +38,6 @@ from streams.flywheel.outputs import murmur2
 from streams.flywheel.screen import ScreenConfig, encode_outcome, rejection, screen
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CHUNKS_PER_PROCESS = 2
 """A batch is cut into this many chunks per worker process, so that a slow chunk does not idle the others."""
@@ -234,15 +232,6 @@ def _screen_chunk(records: list[RawRecord]) -> list[Screened]:
     return [screen_record(record, _worker_rules) for record in records]
 
 
-Change = tuple[Screened, RawRecord, Sighting]
-"""A normalized log, its raw record and what dedupe found: the arguments of `adjusted`."""
-
-
-def _adjust_chunk(changes: list[Change]) -> list[Screened]:
-    assert _worker_rules is not None, "the pool's initializer sets the rules"
-    return [adjusted(item, record, sighting, _worker_rules) for item, record, sighting in changes]
-
-
 class Screener:
     """Screens batches on a pool of worker processes (or in this process with `processes` 0)."""
 
@@ -264,27 +253,15 @@ class Screener:
 
     async def screen(self, records: list[RawRecord]) -> list[Screened]:
         """Every record screened, in order."""
-        return await self._each(records, _screen_chunk, lambda record: screen_record(record, self.rules))
-
-    async def adjust(self, changes: list[Change]) -> list[Screened]:
-        """`adjusted` of each change, in order: a duplicate's rejection reads and bounds its original again, which
-        is screening work too."""
-        return await self._each(changes, _adjust_chunk, lambda change: adjusted(*change, self.rules))
-
-    async def _each(
-        self, items: list[T], in_worker: Callable[[list[T]], list[Screened]], here: Callable[[T], Screened]
-    ) -> list[Screened]:
-        """`in_worker` over chunks of `items` on the pool (or `here` on each item in this process), in order; a
-        broken pool is started again and the whole list done again."""
-        if self.processes == 0 or not items:
-            return [here(item) for item in items]
-        size = -(-len(items) // (self.processes * CHUNKS_PER_PROCESS))
-        chunks = [items[start : start + size] for start in range(0, len(items), size)]
+        if self.processes == 0 or not records:
+            return [screen_record(record, self.rules) for record in records]
+        size = -(-len(records) // (self.processes * CHUNKS_PER_PROCESS))
+        chunks = [records[start : start + size] for start in range(0, len(records), size)]
         loop = asyncio.get_running_loop()
         while True:
             pool = self._started_pool()
             try:
-                results = await asyncio.gather(*(loop.run_in_executor(pool, in_worker, c) for c in chunks))
+                results = await asyncio.gather(*(loop.run_in_executor(pool, _screen_chunk, c) for c in chunks))
                 return [item for chunk in results for item in chunk]
             except BrokenProcessPool:
                 log.warning("a screening process died; starting the pool again and screening the batch again")

@@ -27,6 +27,7 @@ from streams.flywheel.screening import (
     Rules,
     Screened,
     Screener,
+    adjusted,
     cgroup_cpu_limit,
     needs_adjusting,
     screen_process_count,
@@ -96,10 +97,10 @@ def test_a_pool_screens_every_record_as_the_stage_process_does() -> None:
         pool.close()
 
 
-def test_a_pool_adjusts_duplicates_and_later_tries_as_the_stage_process_does() -> None:
+def test_dedupe_adjusts_only_duplicates_and_later_tries() -> None:
     records = mixed_records(120)
-    here = Screener(StreamsSettings(), 0)
-    screened = asyncio.run(here.screen(records))
+    rules = Rules.from_settings(StreamsSettings())
+    screened = [screen_record(record, rules) for record in records]
     normalized = [(item, record) for item, record in zip(screened, records, strict=True) if item.kind == "normalized"]
     sightings = [
         Sighting("vlm.logs.raw:3:1", 0),  # a duplicate of another record
@@ -108,15 +109,10 @@ def test_a_pool_adjusts_duplicates_and_later_tries_as_the_stage_process_does() -
     ]
     changes = [(item, record, sighting) for (item, record), sighting in zip(normalized, sightings, strict=False)]
     assert [needs_adjusting(*change) for change in changes] == [True, True, False]
-    pool = Screener(StreamsSettings(), 2)
-    try:
-        in_pool = asyncio.run(pool.adjust(changes))
-    finally:
-        pool.close()
-    assert timeless(in_pool) == timeless(asyncio.run(here.adjust(changes)))
-    assert in_pool[0].kind == "rejected" and in_pool[0].code == "duplicate"
-    assert json.loads(in_pool[1].value)["attempt"] == 2
-    assert in_pool[2] == changes[2][0]
+    duplicate, retried, unchanged = (adjusted(*change, rules) for change in changes)
+    assert (duplicate.kind, duplicate.code) == ("rejected", "duplicate")
+    assert json.loads(retried.value)["attempt"] == 2
+    assert unchanged == changes[2][0]
 
 
 def test_a_killed_screening_process_is_replaced_and_the_batch_screened_again() -> None:
