@@ -165,11 +165,6 @@ def screen_record(record: RawRecord, rules: Rules) -> Screened:
     return _screened(outcome, record.value, rules)
 
 
-def needs_adjusting(item: Screened, record: RawRecord, sighting: Sighting) -> bool:
-    """Whether dedupe changes this normalized log (`adjusted`): a duplicate, or a later try than it says."""
-    return sighting.first_lineage != record.source_text or sighting.earlier_tries > item.attempt
-
-
 def adjusted(item: Screened, record: RawRecord, sighting: Sighting, rules: Rules) -> Screened:
     """A normalized log after dedupe: a duplicate becomes a rejection naming the first copy; earlier tries of the
     same request raise its `attempt` (and may make it a hard case). Unchanged otherwise."""

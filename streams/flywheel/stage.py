@@ -69,7 +69,7 @@ from streams.flywheel.ledger import (
 from streams.flywheel.metrics import StreamsMetrics
 from streams.flywheel.outputs import SOURCE_HEADER, Output, partition_of
 from streams.flywheel.screen import MAX_REQUEST_BYTES
-from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted, needs_adjusting
+from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted
 from streams.review.queue import CorrectionQueue
 
 log = logging.getLogger(__name__)
@@ -450,8 +450,7 @@ class RawLogStage(Service):
         )
         adjusted_all = list(screened)
         for i, sighting in zip(passed, sightings, strict=True):
-            if needs_adjusting(screened[i], records[i], sighting):
-                adjusted_all[i] = adjusted(screened[i], records[i], sighting, self.screener.rules)
+            adjusted_all[i] = adjusted(screened[i], records[i], sighting, self.screener.rules)
         return adjusted_all
 
     async def _produce(self, outputs: list[Output], lease: WriterLease) -> None:

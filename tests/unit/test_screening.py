@@ -29,7 +29,6 @@ from streams.flywheel.screening import (
     Screener,
     adjusted,
     cgroup_cpu_limit,
-    needs_adjusting,
     screen_process_count,
     screen_record,
     usable_cpus,
@@ -108,7 +107,6 @@ def test_dedupe_adjusts_only_duplicates_and_later_tries() -> None:
         Sighting(normalized[2][1].source_text, 0),  # neither
     ]
     changes = [(item, record, sighting) for (item, record), sighting in zip(normalized, sightings, strict=False)]
-    assert [needs_adjusting(*change) for change in changes] == [True, True, False]
     duplicate, retried, unchanged = (adjusted(*change, rules) for change in changes)
     assert (duplicate.kind, duplicate.code) == ("rejected", "duplicate")
     assert json.loads(retried.value)["attempt"] == 2
