@@ -4,10 +4,10 @@ orjson parses and serializes 4–7× faster than `json`, and the flywheel reads 
 and hashes every log's canonical form. Where the two libraries would give different results, the standard
 library's result is the one kept, so ids and decisions do not depend on which parser ran:
 
-- `loads`: orjson reads integers beyond 64 bits as floats (a 20-digit account number would lose digits) and
-  refuses lone surrogates, which `json` reads. Texts with a run of 20 or more digits, and texts orjson refuses, go
-  to `json.loads`. Either way NaN, Infinity and numbers too large for a float (`1e400`) are refused: JSON has no
-  such numbers, so every float `loads` returns is finite.
+- `loads`: orjson reads integers beyond 64 bits as floats (a 20-digit account number would lose digits). Texts
+  with a run of 20 or more digits, and texts orjson refuses, go to `json.loads`. Either way NaN, Infinity, numbers
+  too large for a float (`1e400`) and lone surrogates (which `json` reads and orjson does not) are refused: so
+  every float `loads` returns is finite, and every string can be written as UTF-8.
 - `canonical`: `json.dumps(sort_keys=True, separators=(",", ":"))` escapes every character outside printable
   ASCII, writes small floats as `1e-05` and NaN as `NaN`; orjson writes UTF-8, `0.00001` and `null`. orjson's
   bytes are kept only when they are printable ASCII without a small float, and without `null` unless the value
@@ -34,30 +34,40 @@ costs less than `b"e-" in out` alone (with `\\de-`, `re` tries every byte: ten t
 _SORTED = orjson.OPT_SORT_KEYS
 
 
-class JsonConstant(ValueError):
-    """NaN, Infinity or -Infinity in a text: Python's `json` reads them, JSON does not have them."""
+class RefusedJson(ValueError):
+    """A text that Python's `json` reads but that holds no JSON value: NaN, Infinity, a number beyond a float's
+    range, or a string with half a surrogate pair (`"\\ud800"`), which is not Unicode text and could not be written
+    as UTF-8 again (every record it reached would fail to encode)."""
 
 
 def _refuse_constant(name: str) -> NoReturn:
-    raise JsonConstant(f"{name} is not JSON")
+    raise RefusedJson(f"{name} is not JSON")
 
 
 def loads(data: bytes | str) -> Any:
-    """The JSON value of `data`; raises `ValueError` (a `json.JSONDecodeError`, `JsonConstant` or
-    `UnicodeDecodeError`) or `RecursionError` exactly as `json.loads` with NaN/Infinity refused would."""
+    """The JSON value of `data`; raises `ValueError` (a `json.JSONDecodeError`, `RefusedJson` or
+    `UnicodeDecodeError`) or `RecursionError` exactly as `json.loads` with NaN, Infinity and lone surrogates refused
+    would."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     if _LONG_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    # NOTE: only texts orjson refused or that hold long digit runs get here (few): writing the value as UTF-8 is
+    # what finds a lone surrogate in any string or key.
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise RefusedJson("a string holds half a surrogate pair (a \\ud800-\\udfff escape): not Unicode text") from None
+    return value
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise JsonConstant(f"{text[:20]} is not a finite number")
+        raise RefusedJson(f"{text[:20]} is not a finite number")
     return value
 
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from schemas.boxes import QWEN_BOX_TEXT, BoxError, BoxForm, to_xyxy
-from streams.flywheel.jsontext import JsonConstant, loads
+from streams.flywheel.jsontext import RefusedJson, loads
 
 JsonValue = dict[str, Any] | list[Any]
 
@@ -71,7 +71,7 @@ def _loads(text: str) -> JsonValue:
         raise OutputError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise OutputError(f"nested deeper than {MAX_DEPTH} levels") from None
-    except JsonConstant as exc:
+    except RefusedJson as exc:
         raise OutputError(str(exc)) from None
     except OutputError:
         raise

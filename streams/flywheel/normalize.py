@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from schemas.boxes import is_finite
 from schemas.errors import InvalidLog, first_error
 from schemas.logs import Feedback, ImageInfo, InvalidLogCode, JobEvent, Lineage, NormalizedLog, SourceFormat
-from streams.flywheel.jsontext import JsonConstant, canonical, loads
+from streams.flywheel.jsontext import RefusedJson, canonical, loads
 from streams.flywheel.model_output import JsonValue, OutputError, check_depth, normalize_objects, parse_json_text
 from streams.flywheel.timeparse import TimeError, parse_log_time
 
@@ -90,8 +90,9 @@ def load_raw(raw: dict[str, Any] | bytes | str) -> dict[str, Any]:
         return raw
     try:
         value = loads(raw)
-    except JsonConstant as exc:
-        _fail("not_json", str(exc))
+    except RefusedJson as refused:
+        # NOTE: a name of its own: compiled (mypyc), a name bound by two `except` clauses keeps the first one's type.
+        _fail("not_json", str(refused))
     except (ValueError, RecursionError) as exc:
         detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
         _fail("not_json", detail)
@@ -491,6 +492,11 @@ def _flag(value: object, path: str) -> bool:
 
 
 def _vlmflow_job(value: dict[str, Any]) -> dict[str, Any]:
+    # NOTE: `JobResult` fills a missing `finished_at` with the current time, which would make the log's time that
+    # of its reading (the worker writes it on every result).
+    result = value.get("result")
+    if isinstance(result, dict) and "finished_at" not in result:
+        _fail("invalid_timestamp", "result.finished_at: missing")
     try:
         event = JobEvent.model_validate(value)
     except ValidationError as exc:

@@ -327,6 +327,14 @@ def test_vlmflow_job_failures() -> None:
     assert code_of(inline) == "inline_image"
 
 
+def test_a_job_result_without_its_finish_time_is_refused_not_stamped_now() -> None:
+    """`JobResult` would fill the time in with the clock's; the log's time must come from the log."""
+    event = job_event(JobResult(job_id="job-1", status="ok", task="detect", finished_at=T, output={"a": 1}))
+    assert normalize(event).timestamp == T
+    del event["result"]["finished_at"]
+    assert code_of(event) == "invalid_timestamp"
+
+
 # -- boxes and labels inside answers -----------------------------------------------------------------------------
 
 

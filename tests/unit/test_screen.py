@@ -15,7 +15,7 @@ from streams.flywheel.dedupe import content_hash, lineage_text, request_fingerpr
 from streams.flywheel.normalize import normalize
 from streams.flywheel.pii import redact_value
 from streams.flywheel.rules import RuleSet
-from streams.flywheel.screen import MAX_ORIGINAL_CHARS, ScreenConfig, _Bounded, _original, screen
+from streams.flywheel.screen import MAX_ORIGINAL_CHARS, ScreenConfig, _Bounded, _original, encode_outcome, screen
 
 CONFIG = ScreenConfig.from_settings(StreamsSettings(label_synonyms={"kitty": "cat"}))
 LINEAGE = Lineage(topic=Topic.LOGS_RAW, partition=1, offset=9)
@@ -65,6 +65,19 @@ def test_unreadable_records_are_rejected_as_text_cut_and_redacted() -> None:
     inline = screen(legacy(img="data:image/png;base64," + "A" * 10_000), lineage=LINEAGE, config=CONFIG)
     assert isinstance(inline, RejectedLog) and inline.code == "inline_image"
     assert len(inline.original["img"]) < MAX_ORIGINAL_CHARS + 50
+
+
+def test_a_lone_surrogate_is_a_not_json_rejection_that_can_be_sent() -> None:
+    """`json` reads `"\\ud800"` into a string that no encoder can write as UTF-8: refused when read, so the record
+    gets its rejection rather than failing to encode (an `internal_error` in the stage)."""
+    for raw in (legacy(q="who is \ud800?"), legacy(ans='{"label": "\udfff"}'), legacy(**{"\udbff": 1})):
+        outcome = screen(raw, lineage=LINEAGE, config=CONFIG)
+        assert isinstance(outcome, RejectedLog) and outcome.code == "not_json", raw
+        assert "surrogate" in outcome.detail
+        final, value = encode_outcome(outcome, raw, CONFIG)
+        assert final.original is not None and b"\\ud" in value
+    paired = screen(legacy(q="\ud83d\ude00"), lineage=LINEAGE, config=CONFIG)
+    assert isinstance(paired, NormalizedLog) and paired.prompt == "\U0001f600"
 
 
 def test_without_redaction_texts_stay() -> None:
