@@ -13,7 +13,7 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.2-devel-ubuntu24.04
 
 # The project's sources, once, for both builders.
 FROM scratch AS source
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml setup.py README.md /src/
 COPY schemas/ /src/schemas/
 COPY vlmflow/ /src/vlmflow/
 COPY workers/ /src/workers/
@@ -21,10 +21,18 @@ COPY streams/ /src/streams/
 COPY requirements/gpu.lock /src/requirements/
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+# NOTE: the flywheel's screening compiled by mypyc (setup.py), which needs a C compiler here and nothing at run
+# time; the last line refuses an image that would screen in pure Python.
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VLMFLOW_COMPILE=1
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=source /src /src
 RUN python -m venv /opt/vlmflow \
-    && /opt/vlmflow/bin/pip install --no-cache-dir /src
+    && /opt/vlmflow/bin/pip install --no-cache-dir /src \
+    && /opt/vlmflow/bin/python -c "from streams.flywheel.screening import compiled; assert compiled()"
 
 FROM ${CUDA_IMAGE} AS gpu-base
 ENV DEBIAN_FRONTEND=noninteractive

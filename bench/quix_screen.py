@@ -1,6 +1,6 @@
 """The peer of `bench.bench_streams`: a Quix Streams application applying the flywheel's very `screen` per record.
 
-    python -m bench.quix_screen --bootstrap HOST:PORT --group G --count N --normalized T1 --rejected T2
+    python bench/quix_screen.py --bootstrap HOST:PORT --group G --count N --normalized T1 --rejected T2
 
 Reads vlm.logs.raw from the start, screens each record (normalize, rules, PII redaction) exactly as the raw-log
 stage does, encodes the outcome the same way (`encode_outcome`) and writes it, keyed by log id, to T1 or T2, with
@@ -21,6 +21,7 @@ from schemas.logs import Lineage, NormalizedLog
 from schemas.settings import StreamsSettings
 from schemas.topics import Topic
 from streams.flywheel.screen import ScreenConfig, encode_outcome, screen
+from streams.flywheel.screening import build_name
 
 
 class EncodedValue(Serializer):
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--rejected", required=True)
     args = parser.parse_args()
     config = ScreenConfig.from_settings(StreamsSettings())
+    print(f"screening: {build_name()}", flush=True)
     app = Application(
         broker_address=args.bootstrap,
         consumer_group=args.group,

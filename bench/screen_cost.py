@@ -2,8 +2,9 @@
 
     python bench/screen_cost.py MESSAGES_FILE [--passes 5]
 
-MESSAGES_FILE holds one raw log a line, base64. Prints one JSON line: `{"us_per_record": ..., "records": ...}`,
-the best of `--passes` passes (thread CPU time, so that other processes on a shared machine count for little).
+MESSAGES_FILE holds one raw log a line, base64. Prints one JSON line: `{"us_per_record": ..., "records": ...,
+"compiled": ...}`, the best of `--passes` passes (thread CPU time, so that other processes on a shared machine count
+for little); `compiled` says whether `screen` came from an extension (the mypyc build) or from its source.
 `bench.bench_streams` runs it on this checkout and, with `--baseline-tree`, on another one (an earlier commit) with
 the same messages, so the two figures come from the same run.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +38,8 @@ def main() -> None:
         for value in values:
             screen(value, lineage=lineage, config=config)
         best = min(best, (time.thread_time() - started) / len(values) * 1e6)
-    print(json.dumps({"us_per_record": round(best, 1), "records": len(values)}))
+    compiled = not str(sys.modules[screen.__module__].__file__).endswith(".py")
+    print(json.dumps({"us_per_record": round(best, 1), "records": len(values), "compiled": compiled}))
 
 
 if __name__ == "__main__":

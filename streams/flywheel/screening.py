@@ -23,11 +23,12 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 from schemas.codec import encode
 from schemas.logs import Lineage, NormalizedLog, RejectedLog
@@ -84,6 +85,17 @@ def cgroup_cpu_limit(v2_max: str | None, v1_quota: str | None, v1_period: str | 
     return max(1, math.floor(int(quota) / int(period)))
 
 
+def compiled() -> bool:
+    """Whether this process screens with the compiled build (setup.py, `VLMFLOW_COMPILE=1`): mypyc makes each
+    compiled module an extension, whose file is not the `.py` source."""
+    return not str(sys.modules[screen.__module__].__file__).endswith(".py")
+
+
+def build_name() -> str:
+    """The screening build, as logs and the benchmark name it."""
+    return "compiled (mypyc)" if compiled() else "pure Python (VLMFLOW_COMPILE=1 builds it compiled)"
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as file:
@@ -92,9 +104,9 @@ def _read(path: str) -> str | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """One raw record as a worker process gets it."""
+class RawRecord(NamedTuple):
+    """One raw record as a worker process gets it. Named tuples, as `Screened`: they cross the process boundary
+    pickled, and a tuple unpickles at a tenth of a dataclass's cost (which sets each field through a function)."""
 
     topic: str
     partition: int
@@ -112,14 +124,15 @@ class RawRecord:
         return f"{self.topic}:{self.partition}:{self.offset}"
 
 
-@dataclass(frozen=True, slots=True)
-class Screened:
+class Screened(NamedTuple):
     """What screening made of one raw record: the encoded outcome and what the stage needs beside it."""
 
     kind: Literal["normalized", "rejected"]
     log_id: str
     value: bytes
     """The encoded `NormalizedLog` or `RejectedLog`."""
+    key_hash: int
+    """`murmur2` of the log id, every output's key: hashed in a screening process, not in the stage's."""
     code: str | None = None
     """The reject code (rejections)."""
     rule: str | None = None
@@ -131,11 +144,6 @@ class Screened:
     """The encoded `HardCase` when the log is one (queued as it is: never parsed back)."""
     case_id: str | None = None
     case_priority: int = 0
-    key_hash: int = field(init=False)
-    """`murmur2` of the log id, every output's key: hashed here, in a screening process, not in the stage's."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key_hash", murmur2(self.log_id.encode()))
 
 
 @dataclass(frozen=True)
@@ -184,12 +192,15 @@ def adjusted(item: Screened, record: RawRecord, sighting: Sighting, rules: Rules
 def _screened(outcome: NormalizedLog | RejectedLog, raw: bytes | None, rules: Rules) -> Screened:
     final, value = encode_outcome(outcome, raw, rules.config)
     if isinstance(final, RejectedLog):
-        return Screened("rejected", final.log_id, value, code=final.code, rule=final.rule)
+        return Screened(
+            "rejected", final.log_id, value, murmur2(final.log_id.encode()), code=final.code, rule=final.rule
+        )
     case = hard_case(final, rules.streams.mining, threshold=rules.streams.hard_case_threshold)
     return Screened(
         "normalized",
         final.log_id,
         value,
+        murmur2(final.log_id.encode()),
         content_hash=content_hash(final),
         request_fingerprint=request_fingerprint(final),
         attempt=final.attempt,

@@ -69,7 +69,7 @@ from streams.flywheel.ledger import (
 from streams.flywheel.metrics import StreamsMetrics
 from streams.flywheel.outputs import SOURCE_HEADER, Output, partition_of
 from streams.flywheel.screen import MAX_REQUEST_BYTES
-from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted
+from streams.flywheel.screening import RawRecord, Screened, Screener, adjusted, build_name
 from streams.review.queue import CorrectionQueue
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,8 @@ class RawLogStage(Service):
         self.queue = CorrectionQueue(self.redis, streams.review_queue)
         self.screener = Screener(streams, streams.screen_processes)
         processes = self.screener.processes
-        log.info("raw-log stage screens on %s", f"{processes} processes" if processes else "its own process")
+        where = f"{processes} processes" if processes else "its own process"
+        log.info("raw-log stage screens on %s, %s", where, build_name())
         await self.producer.start()
         await self.scanner.start()
         for topic in OUTPUT_TOPICS:

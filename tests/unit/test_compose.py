@@ -257,6 +257,10 @@ def test_every_vlmflow_variable_and_secret_names_a_setting(deployment: Deploymen
     assert not unknown, f"no such setting in schemas.settings.Settings: {unknown}"
 
 
+BUILD_VARIABLES = {"VLMFLOW_COMPILE"}
+"""Read by setup.py while an image is built, never by `Settings`."""
+
+
 def test_dockerfile_sets_only_existing_settings() -> None:
     names = {
         name
@@ -264,7 +268,7 @@ def test_dockerfile_sets_only_existing_settings() -> None:
         for instruction, value in stage.instructions
         if instruction == "ENV"
         for name in re.findall(r"(\w+)=", value)
-        if name.startswith("VLMFLOW_")
+        if name.startswith("VLMFLOW_") and name not in BUILD_VARIABLES
     }
     assert names, "the images set VLMFLOW_STATE_DIR"
     assert all(setting_path(name) is not None for name in names), names
@@ -666,6 +670,18 @@ def test_dockerfile_copies_every_package() -> None:
     assert packages <= copied, packages - copied
     kept = {line.removeprefix("!").rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert packages <= kept, f".dockerignore leaves out {packages - kept}"
+
+
+def test_the_app_image_screens_compiled() -> None:
+    """The streams worker runs in the app image: its build compiles the screening (setup.py) and refuses to finish
+    without it; the GPU image, which screens nothing, is built as it was."""
+    build = dockerfile_stages()["build"]
+    assert any(name == "ENV" and "VLMFLOW_COMPILE=1" in value for name, value in build.instructions)
+    assert "compiled()" in (build.last("RUN") or "")
+    source = dockerfile_stages()["source"]
+    assert any(name == "COPY" and "setup.py" in value.split() for name, value in source.instructions)
+    gpu = dockerfile_stages()["gpu-build"]
+    assert not any("VLMFLOW_COMPILE" in value for _, value in gpu.instructions)
 
 
 def hadolint_binary() -> Path:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,7 +82,7 @@ def timeless(items: list[Screened]) -> list[Screened]:
             return None
         return json.dumps({k: v for k, v in json.loads(value).items() if not k.endswith("_at")}).encode()
 
-    return [replace(item, value=without_times(item.value), case=without_times(item.case)) for item in items]
+    return [item._replace(value=without_times(item.value), case=without_times(item.case)) for item in items]
 
 
 def test_a_pool_screens_every_record_as_the_stage_process_does() -> None:
