@@ -191,16 +191,15 @@ def adjusted(item: Screened, record: RawRecord, sighting: Sighting, rules: Rules
 
 def _screened(outcome: NormalizedLog | RejectedLog, raw: bytes | None, rules: Rules) -> Screened:
     final, value = encode_outcome(outcome, raw, rules.config)
+    key_hash = murmur2(final.log_id.encode())
     if isinstance(final, RejectedLog):
-        return Screened(
-            "rejected", final.log_id, value, murmur2(final.log_id.encode()), code=final.code, rule=final.rule
-        )
+        return Screened("rejected", final.log_id, value, key_hash, code=final.code, rule=final.rule)
     case = hard_case(final, rules.streams.mining, threshold=rules.streams.hard_case_threshold)
     return Screened(
         "normalized",
         final.log_id,
         value,
-        murmur2(final.log_id.encode()),
+        key_hash,
         content_hash=content_hash(final),
         request_fingerprint=request_fingerprint(final),
         attempt=final.attempt,
